@@ -1,0 +1,1 @@
+"""ONNX export and ONNX Runtime verification (installed as ``mmts_fast.export``)."""

@@ -1,0 +1,404 @@
+"""Time-Series-Library (TSLib) compatible CSV loading, splits, scaling and windows.
+
+The conventions follow TSLib (``data_provider/data_loader.py``) so that numbers are comparable
+with DLinear, PatchTST, Time-LLM and friends:
+
+* ETT hourly files: train rows ``[0, 8640)``, val ``[8640-L, 11520)``, test ``[11520-L, 14400)``
+  (minutely files: the same times 4); other files: a 70/10/20 split.
+* A StandardScaler fit on the train rows only and applied to every row.
+* ``timeF`` time features in ``[-0.5, 0.5]``.
+* Windows ``x = data[s:s+L]``, ``y = data[s+L-label_len : s+L+H]``; the last test batch is kept.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "TimeSeriesTable",
+    "load_csv",
+    "time_features",
+    "infer_freq",
+    "split_borders",
+    "ForecastDataset",
+    "make_loaders",
+]
+
+#: Non-numeric columns that are dropped silently (Time-MMD numerical files carry them).
+IGNORED_COLUMNS = ("start_date", "end_date")
+SPLITS = ("train", "val", "test")
+
+Borders = Union[str, Sequence[tuple[int, int]]]
+
+
+@dataclass
+class TimeSeriesTable:
+    """A multivariate series: one timestamp and one float32 row of channels per time step."""
+
+    dates: list[datetime]
+    columns: list[str]
+    values: np.ndarray  # float32 [N, C]
+    name: str = "<table>"
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float32)
+        if self.values.ndim != 2:
+            raise ValueError(f"{self.name}: values must be 2-D [rows, channels], got {self.values.shape}")
+        n, c = self.values.shape
+        if len(self.dates) != n or len(self.columns) != c:
+            raise ValueError(
+                f"{self.name}: {len(self.dates)} dates and {len(self.columns)} columns "
+                f"do not match values of shape {self.values.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dates)
+
+
+# --------------------------------------------------------------------------------------- CSV
+
+
+def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
+    """Read a TSLib-style CSV: a ``date`` column plus numeric channels.
+
+    ``start_date``/``end_date`` columns are ignored; the ``target`` column, if present, is moved
+    last (as TSLib does). Raises ``FileNotFoundError`` for a missing file and ``ValueError``
+    naming the file, row (1-based line number in the file) and column for malformed content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path}: the file is empty (no header row)")
+    header = [h.strip() for h in rows[0]]
+    if "date" not in header:
+        raise ValueError(f"{path}: no 'date' column in the header {header}")
+    date_idx = header.index("date")
+    chan_idx = [j for j, h in enumerate(header) if h != "date" and h not in IGNORED_COLUMNS]
+    if not chan_idx:
+        raise ValueError(f"{path}: zero channels (only 'date' and ignored columns in {header})")
+    names = [header[j] for j in chan_idx]
+
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]  # skip blank lines
+    if not body:
+        raise ValueError(f"{path}: no data rows")
+    dates: list[datetime] = []
+    values = np.empty((len(body), len(chan_idx)), dtype=np.float64)
+    for i, row in enumerate(body):
+        line = i + 2  # header is line 1
+        if len(row) != len(header):
+            raise ValueError(f"{path}: row {line} has {len(row)} fields, the header has {len(header)}")
+        cell = row[date_idx].strip()
+        try:
+            dates.append(datetime.fromisoformat(cell))
+        except ValueError:
+            raise ValueError(f"{path}: unparseable date {cell!r} in row {line}, column 'date'") from None
+        for k, j in enumerate(chan_idx):
+            cell = row[j].strip()
+            if cell == "":
+                raise ValueError(f"{path}: empty value in row {line}, column {header[j]!r}")
+            try:
+                v = float(cell)
+            except ValueError:
+                raise ValueError(
+                    f"{path}: non-numeric value {cell!r} in row {line}, column {header[j]!r}"
+                ) from None
+            if not math.isfinite(v):
+                raise ValueError(f"{path}: NaN/inf value {cell!r} in row {line}, column {header[j]!r}")
+            values[i, k] = v
+
+    if target in names:
+        t = names.index(target)
+        order = [k for k in range(len(names)) if k != t] + [t]
+        names = [names[k] for k in order]
+        values = values[:, order]
+    return TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(path))
+
+
+# ------------------------------------------------------------------------------ time features
+
+_FREQ_ALIASES = {"t": "t", "min": "t", "h": "h", "d": "d", "b": "d", "w": "w", "m": "m"}
+
+
+def _norm_freq(freq: str) -> str:
+    key = freq.strip().lower()
+    if key not in _FREQ_ALIASES:
+        raise ValueError(f"unsupported freq {freq!r}; expected one of {sorted(_FREQ_ALIASES)}")
+    return _FREQ_ALIASES[key]
+
+
+def time_features(dates: Sequence[datetime], freq: str = "h") -> np.ndarray:
+    """TSLib ``timeF`` features (``embed='timeF'``), each scaled to ``[-0.5, 0.5]``.
+
+    ============  ========================================================  ===
+    freq          features (in order)                                       F
+    ============  ========================================================  ===
+    ``t``/``min`` minute/59, hour/23, weekday/6, (day-1)/30, (yearday-1)/365  5
+    ``h``         hour/23, weekday/6, (day-1)/30, (yearday-1)/365           4
+    ``d``/``b``   weekday/6, (day-1)/30, (yearday-1)/365                    3
+    ``w``         (day-1)/30, (ISO week-1)/52                                2
+    ``m``         (month-1)/11                                              1
+    ============  ========================================================  ===
+
+    (each minus 0.5). Returns float32 ``[N, F]``.
+    """
+    f = _norm_freq(freq)
+    cols: list[list[float]] = []
+    for d in dates:
+        day = (d.day - 1) / 30.0
+        if f == "w":
+            cols.append([day, (d.isocalendar()[1] - 1) / 52.0])
+            continue
+        if f == "m":
+            cols.append([(d.month - 1) / 11.0])
+            continue
+        row = [d.weekday() / 6.0, day, (d.timetuple().tm_yday - 1) / 365.0]
+        if f in ("h", "t"):
+            row.insert(0, d.hour / 23.0)
+        if f == "t":
+            row.insert(0, d.minute / 59.0)
+        cols.append(row)
+    n_feat = {"t": 5, "h": 4, "d": 3, "w": 2, "m": 1}[f]
+    out = np.asarray(cols, dtype=np.float64).reshape(len(cols), n_feat) - 0.5
+    return out.astype(np.float32)
+
+
+def infer_freq(dates: Sequence[datetime]) -> str:
+    """Guess the TSLib freq letter ("t", "h", "d", "w" or "m") from the median spacing."""
+    if len(dates) < 2:
+        raise ValueError(f"cannot infer a frequency from {len(dates)} date(s); pass freq explicitly")
+    secs = np.diff(np.array([(d - dates[0]).total_seconds() for d in dates], dtype=np.float64))
+    step = float(np.median(secs))
+    if step <= 0:
+        raise ValueError(f"dates are not increasing (median spacing {step} s); pass freq explicitly")
+    if step < 3600:
+        return "t"
+    if step < 86400:
+        return "h"
+    if step < 7 * 86400:
+        return "d"
+    if step < 28 * 86400:
+        return "w"
+    return "m"
+
+
+# ----------------------------------------------------------------------------------- borders
+
+
+def split_borders(n_rows: int, lookback: int, kind: str) -> list[tuple[int, int]]:
+    """TSLib train/val/test row ranges ``[(start, end)] * 3`` (val/test start ``lookback`` early).
+
+    ``kind``: ``"ett_h"`` (12/4/4 months of hours), ``"ett_m"`` (the same, 15-minute rows) or
+    ``"custom"`` (70/10/20). Starts may be negative when ``lookback`` exceeds the train split;
+    :class:`ForecastDataset` reports that as too short.
+    """
+    L = lookback
+    if kind in ("ett_h", "ett_m"):
+        m = 1 if kind == "ett_h" else 4
+        tr, va, te = 12 * 30 * 24 * m, 4 * 30 * 24 * m, 4 * 30 * 24 * m
+        if n_rows < tr + va + te:
+            raise ValueError(
+                f"{kind} borders need at least {tr + va + te} rows, the file has {n_rows}; "
+                "use borders='custom' for other files"
+            )
+        return [(0, tr), (tr - L, tr + va), (tr + va - L, tr + va + te)]
+    if kind == "custom":
+        n_train = int(n_rows * 0.7)
+        n_test = int(n_rows * 0.2)
+        n_val = n_rows - n_train - n_test
+        return [(0, n_train), (n_train - L, n_train + n_val), (n_rows - n_test - L, n_rows)]
+    raise ValueError(f"unknown borders kind {kind!r}; expected 'ett_h', 'ett_m', 'custom' or 'auto'")
+
+
+def _borders_kind(name: str | None) -> str:
+    """``auto`` rule: ETTh* files -> ett_h, ETTm* -> ett_m, anything else (or a table) -> custom."""
+    if name is not None:
+        if name.startswith("ETTh"):
+            return "ett_h"
+        if name.startswith("ETTm"):
+            return "ett_m"
+    return "custom"
+
+
+# ----------------------------------------------------------------------------------- dataset
+
+
+class ForecastDataset(Dataset):
+    """Sliding windows over one split of a series, TSLib style.
+
+    ``data`` is a CSV path or a :class:`TimeSeriesTable`. ``features``: ``"M"`` all channels in
+    and out, ``"S"`` the target only, ``"MS"`` all channels in, the target only out. The scaler
+    is fit on the train rows (``mean``/``std`` per input channel) unless ``stats=(mean, std)``
+    is given. Items are float32 tensors ``(x [L, C], y [label_len+H, C_y], x_mark [L, F],
+    y_mark [label_len+H, F])``.
+    """
+
+    def __init__(
+        self,
+        data: str | Path | TimeSeriesTable,
+        split: str = "train",
+        lookback: int = 336,
+        horizon: int = 96,
+        label_len: int = 0,
+        features: str = "M",
+        target: str = "OT",
+        borders: Borders = "auto",
+        freq: str | None = None,
+        scale: bool = True,
+        stats: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if lookback <= 0 or horizon <= 0:
+            raise ValueError(f"lookback and horizon must be > 0, got lookback={lookback}, horizon={horizon}")
+        if not 0 <= label_len <= lookback:
+            raise ValueError(f"label_len must be in [0, lookback={lookback}], got {label_len}")
+        if features not in ("M", "S", "MS"):
+            raise ValueError(f"features must be 'M', 'S' or 'MS', got {features!r}")
+
+        if isinstance(data, TimeSeriesTable):
+            table, file_name = data, None
+        else:
+            table, file_name = load_csv(data, target=target), Path(data).name
+        self.source = table.name
+        self.split, self.lookback, self.horizon, self.label_len = split, lookback, horizon, label_len
+        self.features, self.target = features, target
+
+        # channel selection (target last, as TSLib orders them)
+        columns = list(table.columns)
+        values = table.values
+        if target in columns:
+            t = columns.index(target)
+            order = [k for k in range(len(columns)) if k != t] + [t]
+            columns, values = [columns[k] for k in order], values[:, order]
+        elif features in ("S", "MS"):
+            raise ValueError(f"{table.name}: target column {target!r} not found in {columns}")
+        if features == "S":
+            columns, values = columns[-1:], values[:, -1:]
+        self.columns: list[str] = columns
+        self.n_channels = len(columns)
+        self.n_out_channels = 1 if features in ("S", "MS") else self.n_channels
+
+        # borders
+        n = len(table)
+        kind = _borders_kind(file_name) if borders == "auto" else borders
+        ranges = split_borders(n, lookback, kind) if isinstance(kind, str) else [tuple(b) for b in kind]
+        if len(ranges) != 3:
+            raise ValueError(f"borders must give 3 (start, end) ranges, got {ranges}")
+        start, end = ranges[SPLITS.index(split)]
+        need = lookback + horizon
+        if start < 0 or end > n or end - start < need:
+            raise ValueError(
+                f"{table.name} has {n} rows; the {split} split has {max(0, end - max(start, 0))} rows "
+                f"(rows [{start}, {end})) and lookback+horizon needs {lookback}+{horizon}={need}"
+            )
+        self.borders = ranges
+        self.start, self.end = start, end
+
+        # scaler fit on the train rows only
+        if stats is not None:
+            mean, std = (np.asarray(a, dtype=np.float64).reshape(-1) for a in stats)
+        elif scale:
+            tr0, tr1 = ranges[0]
+            train = values[max(tr0, 0):tr1].astype(np.float64)
+            mean, std = train.mean(axis=0), train.std(axis=0)
+            std = np.where(std == 0, 1.0, std)
+        else:
+            mean, std = np.zeros(self.n_channels), np.ones(self.n_channels)
+        if mean.shape != (self.n_channels,) or std.shape != (self.n_channels,):
+            raise ValueError(f"stats must have {self.n_channels} entries, got {mean.shape}, {std.shape}")
+        self.mean: np.ndarray = mean.astype(np.float32)
+        self.std: np.ndarray = std.astype(np.float32)
+
+        rows = values[start:end].astype(np.float64)
+        scaled = ((rows - self.mean.astype(np.float64)) / self.std.astype(np.float64)).astype(np.float32)
+        self.freq = _norm_freq(freq) if freq is not None else infer_freq(table.dates)
+        marks = time_features(table.dates[start:end], self.freq)
+        self.n_time_features = marks.shape[1]
+        self._x = torch.from_numpy(scaled)
+        self._y = self._x if features == "M" else self._x[:, -1:]
+        self._marks = torch.from_numpy(marks)
+
+    def __len__(self) -> int:
+        return (self.end - self.start) - self.lookback - self.horizon + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} windows")
+        s_end = i + self.lookback
+        r0, r1 = s_end - self.label_len, s_end + self.horizon
+        return self._x[i:s_end], self._y[r0:r1], self._marks[i:s_end], self._marks[r0:r1]
+
+    def inverse_transform(self, arr: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Undo the scaling. The last axis is either all input channels or 1 (the target)."""
+        c = arr.shape[-1]
+        if c == self.n_channels:
+            mean, std = self.mean, self.std
+        elif c == 1:
+            mean, std = self.mean[-1:], self.std[-1:]
+        else:
+            raise ValueError(f"last axis has {c} channels, expected {self.n_channels} or 1")
+        if isinstance(arr, torch.Tensor):
+            return arr * torch.as_tensor(std, dtype=arr.dtype, device=arr.device) + torch.as_tensor(
+                mean, dtype=arr.dtype, device=arr.device
+            )
+        return np.asarray(arr) * std + mean
+
+
+# ----------------------------------------------------------------------------------- loaders
+
+
+def make_loaders(
+    data: str | Path | TimeSeriesTable,
+    lookback: int,
+    horizon: int,
+    batch_size: int = 32,
+    label_len: int = 0,
+    features: str = "M",
+    target: str = "OT",
+    borders: Borders = "auto",
+    num_workers: int = 0,
+    seed: int | None = None,
+    freq: str | None = None,
+) -> dict[str, DataLoader]:
+    """Train/val/test DataLoaders as TSLib builds them (train: shuffle + drop_last; val/test keep
+    every window, including the last partial batch). The file is read once and the train
+    split's scaler is shared by val and test."""
+    if isinstance(data, TimeSeriesTable):
+        table = data
+        kind = "custom" if borders == "auto" else borders
+    else:
+        table = load_csv(data, target=target)
+        kind = _borders_kind(Path(data).name) if borders == "auto" else borders
+    common = dict(
+        lookback=lookback, horizon=horizon, label_len=label_len, features=features,
+        target=target, borders=kind, freq=freq,
+    )
+    train = ForecastDataset(table, "train", **common)
+    stats = (train.mean, train.std)
+    val = ForecastDataset(table, "val", stats=stats, **common)
+    test = ForecastDataset(table, "test", stats=stats, **common)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+    return {
+        "train": DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
+                            num_workers=num_workers, generator=gen),
+        "val": DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=False,
+                          num_workers=num_workers),
+        "test": DataLoader(test, batch_size=batch_size, shuffle=False, drop_last=False,
+                           num_workers=num_workers),
+    }
