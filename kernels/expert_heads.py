@@ -83,11 +83,29 @@ def _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma
 # ---------------------------------------------------------------------------------------------
 # Eager reference: the spec, the CPU path and the export path
 # ---------------------------------------------------------------------------------------------
+_INDEX_CACHE: dict = {}
+
+
+def _window_index(windows: Sequence[int], L: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """For the concatenation of all experts' window columns (sum(w_m) entries): the lookback column,
+    the expert owning it, and its index into the packed weight's ``[M * L]`` (expert, column) axis.
+    Cached per (windows, L, device) so the hot path makes no host-to-device copy."""
+    key = (tuple(windows), L, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        return hit
+    cols = torch.cat([torch.arange(L - w, L) for w in windows])
+    owner = torch.cat([torch.full((w,), m) for m, w in enumerate(windows)])
+    out = tuple(t.to(device) for t in (cols, owner, owner * L + cols))
+    if not torch.compiler.is_compiling():   # never cache tensors made while tracing
+        _INDEX_CACHE[key] = out
+    return out
+
+
 def window_mask(windows: Sequence[int], L: int, device=None) -> Tensor:
-    """Bool ``[M, 1, L]``: True on the columns ``[L - w_m, L)`` that expert m reads."""
-    cols = torch.arange(L, device=device)
-    starts = torch.tensor([L - w for w in windows], device=device)
-    return (cols[None, :] >= starts[:, None])[:, None, :]
+    """``[M, 1, L]`` of 0/1: 1 on the columns ``[L - w_m, L)`` that expert m reads."""
+    flat = _window_index(windows, L, device)[2]
+    return torch.zeros(len(windows) * L, device=device).index_fill(0, flat, 1.0).view(len(windows), 1, L)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -103,46 +121,74 @@ def revin_stats(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
+def revin_norm(x: Tensor, mean: Tensor, std: Tensor, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """RevIN normalisation ``(x - mean) / std * weight + bias`` computed in fp32, returned in x's dtype."""
+    cdt = _compute_dtype(x)
+    out = (x.to(cdt) - mean) / std
+    if weight is not None:
+        out = out * weight.to(cdt)
+    if bias is not None:
+        out = out + bias.to(cdt)
+    return out.to(x.dtype)
+
+
+def revin_denorm(y: Tensor, mean: Tensor, std: Tensor, weight: Optional[Tensor] = None,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """RevIN denormalisation ``(y - bias) / (weight + 1e-10) * std + mean``, in y's dtype."""
+    cdt = _compute_dtype(y)
+    out = y.to(cdt)
+    if bias is not None:
+        out = out - bias.to(cdt)
+    if weight is not None:
+        out = out / (weight.to(cdt) + DENORM_EPS)
+    return (out * std + mean).to(y.dtype)
+
+
 def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
                            windows: Optional[Sequence[int]] = None, *, revin: bool = False,
                            revin_weight: Optional[Tensor] = None, revin_bias: Optional[Tensor] = None,
                            eps: float = 1e-5, film_gamma: Optional[Tensor] = None,
                            film_beta: Optional[Tensor] = None, return_experts: bool = False):
-    """Plain PyTorch K1: all experts in one packed matmul, no loop over experts."""
+    """Plain PyTorch K1: all experts in one GEMM, no Python loop over experts.
+
+    Two equal forms of the same sum, picked by the size of the intermediate: the per-expert outputs
+    ``[N, M*H]`` (needed for ``return_experts``), or the gate-scaled window inputs ``[N, sum w_m]``.
+    """
     windows = _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma, film_beta)
     B, L, C = x.shape
     M, H, _ = weight.shape
-    dtype, cdt = x.dtype, _compute_dtype(x)
+    dtype = x.dtype
     if revin:
         mean, std = revin_stats(x, eps)
-        x = (x.to(cdt) - mean) / std
-        if revin_weight is not None:
-            x = x * revin_weight.to(cdt)
-        if revin_bias is not None:
-            x = x + revin_bias.to(cdt)
-        x = x.to(dtype)
-    w = weight.to(dtype) * window_mask(windows, L, x.device).to(dtype)   # [M, H, L], zero off-window
-    rows = x.transpose(1, 2)                                              # [B, C, L]
-    e = torch.matmul(rows, w.reshape(M * H, L).t()).reshape(B, C, M, H)   # one GEMM for all experts
-    if bias is not None:
-        e = e + bias.to(dtype)
-    g = gates if gates.dim() == 3 else gates[:, None, :]                  # [B, C or 1, M]
-    z = torch.einsum("bcm,bcmh->bhc", g.to(dtype), e)                     # [B, H, C]
+        x = revin_norm(x, mean, std, revin_weight, revin_bias)
+    N = B * C
+    rows = x.transpose(1, 2).reshape(N, L)                                # one row per (sample, channel)
+    g = (gates if gates.dim() == 3 else gates[:, None, :]).expand(B, C, M).reshape(N, M).to(dtype)
+    w = weight.to(dtype)
+    cols, owner, flat = _window_index(windows, L, x.device)
+    if return_experts or len(cols) > M * H:
+        # Expert-output form: one GEMM for all experts [N, L] x [L, M*H] (off-window weights masked),
+        # then the gate-weighted sum over experts.
+        e = torch.nn.functional.linear(rows, (w * window_mask(windows, L, x.device).to(dtype)).reshape(M * H, L),
+                                       bias.to(dtype).reshape(M * H) if bias is not None else None)
+        e = e.view(N, M, H)
+        z = (e * g[:, :, None]).sum(1)                                    # [N, H]
+    else:
+        # Gate-scaled-input form, the same sum reassociated: sum_m g_m (W_m x_m) = [g_m x_m]_m @ [W_m]_m.
+        # One GEMM [N, sum w] x [sum w, H] doing exactly the experts' FLOPs; no [N, M, H] tensor.
+        xs = rows[:, cols] * g[:, owner]                                  # [N, sum w]
+        wcat = w.permute(0, 2, 1).reshape(M * L, H)[flat]                 # [sum w, H]
+        z = xs @ wcat if bias is None else torch.addmm(g @ bias.to(dtype), xs, wcat)
+    z = z.view(B, C, H).transpose(1, 2)                                   # [B, H, C]
     u = z
     if film_gamma is not None:
         u = u * film_gamma.to(dtype)
     if film_beta is not None:
         u = u + film_beta.to(dtype)
-    y = u
-    if revin:
-        y = y.to(cdt)
-        if revin_bias is not None:
-            y = y - revin_bias.to(cdt)
-        if revin_weight is not None:
-            y = y / (revin_weight.to(cdt) + DENORM_EPS)
-        y = (y * std + mean).to(dtype)
+    y = revin_denorm(u, mean, std, revin_weight, revin_bias) if revin else u
     if return_experts:
-        return y, e.permute(0, 2, 3, 1)                                   # [B, M, H, C]
+        return y, e.view(B, C, M, H).permute(0, 2, 3, 1)                  # [B, M, H, C]
     return y
 
 
@@ -407,7 +453,11 @@ def _stats(x: Tensor, revin: bool, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def _starts(windows: Sequence[int], L: int, device) -> Tensor:
-    return torch.tensor([L - w for w in windows], dtype=torch.int32, device=device)
+    """First column of each expert's window, int32 on the device, cached (no per-call copy)."""
+    key = ("starts", tuple(windows), L, str(device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = torch.tensor([L - w for w in windows], dtype=torch.int32, device=device)
+    return _INDEX_CACHE[key]
 
 
 def _fwd_triton(x, weight, bias, gates, windows, revin, revin_weight, revin_bias, eps,

@@ -341,6 +341,13 @@ class ForecastDataset(Dataset):
         r0, r1 = s_end - self.label_len, s_end + self.horizon
         return self._x[i:s_end], self._y[r0:r1], self._marks[i:s_end], self._marks[r0:r1]
 
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows at ``indices`` stacked, as a DataLoader would collate them, in one gather."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        xs = indices[:, None] + torch.arange(self.lookback)
+        ys = indices[:, None] + self.lookback - self.label_len + torch.arange(self.label_len + self.horizon)
+        return self._x[xs], self._y[ys], self._marks[xs], self._marks[ys]
+
     def inverse_transform(self, arr: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Undo the scaling. The last axis is either all input channels or 1 (the target)."""
         c = arr.shape[-1]

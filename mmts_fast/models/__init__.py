@@ -1,0 +1,18 @@
+"""Model classes, one file per paper, and the registry used by the CLI and ``from_pretrained``."""
+from mmts_fast.models.base import ForecastModel
+from mmts_fast.models.mole import (DLinearMoLE, DLinearMoLEConfig, MoLEConfig, RLinearMoLE, RLinearMoLEConfig,
+                                   RMLPMoLE, RMLPMoLEConfig)
+
+MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE)}
+
+
+def get_model_class(name: str) -> type:
+    """The model class registered as ``name`` (e.g. ``"rlinear_mole"``), or a ValueError listing them."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[key]
+
+
+__all__ = ["DLinearMoLE", "DLinearMoLEConfig", "ForecastModel", "MODELS", "MoLEConfig", "RLinearMoLE",
+           "RLinearMoLEConfig", "RMLPMoLE", "RMLPMoLEConfig", "get_model_class"]

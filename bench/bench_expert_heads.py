@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""Benchmark K1 (fused multi-expert linear heads) against the ways people compute it today.
+
+    python bench/bench_expert_heads.py [--quick] [--out bench/results/expert_heads.jsonl]
+                                       [--device cpu|cuda] [--dtype float32|bfloat16]
+                                       [--impls k1,reference,compiled_reference,per_expert_loop]
+                                       [--budget-s 4] [--reps N] [--threads N]
+
+Implementations (``impl`` field):
+
+* ``k1``: ``mmts_fast.ops.expert_heads`` under the ``auto`` backend: the Triton kernels on CUDA, the
+  eager packed reference on CPU. The ``backend`` field says which one actually ran.
+* ``reference``: ``expert_heads_reference``, eager PyTorch (one packed GEMM for all experts with
+  the off-window weight columns masked to zero, then an einsum with the gates).
+* ``compiled_reference``: ``torch.compile(expert_heads_reference, dynamic=False)``; compiled during
+  warm-up (``compile_s`` is the first call's wall time); a compile failure is recorded in ``error``.
+* ``per_expert_loop``: what LeMoLE's public code does: an ``nn.ModuleList`` of ``nn.Linear(w_m, H)``,
+  a Python loop over experts on ``x[:, L-w_m:, :].transpose(1, 2)``, ``torch.stack``, a weighted sum
+  with the gates, transpose to ``[B, H, C]``. Its weights are slices copied from the packed ones.
+
+Every impl's output is compared once (outside timing) against ``k1``; a row whose relative error
+(max |a - b| / max |b|) is above 1e-3 (fp32; 3e-2 for bf16) is written with ``error`` and no timing.
+
+Modes: ``fwd`` runs under ``torch.no_grad()`` (inference); ``fwd+bwd`` runs the forward with autograd
+and ``torch.autograd.grad`` of ``y`` against a fixed random upstream gradient, for x, the weights,
+the biases and the gates (no ``.grad`` accumulation).
+
+Timing: warm-up, then ``reps`` timed calls (CUDA events around each call on CUDA, after a
+synchronize; ``time.perf_counter`` on CPU). ``reps`` adapts to a per-row time budget
+(``--budget-s``) between a minimum and a maximum, so slow rows get fewer repetitions. Median and
+20th/80th percentiles are recorded in ms. Rows are appended as JSON lines; see bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mmts_fast
+from mmts_fast import backend as _backend
+from mmts_fast.kernels.expert_heads import expert_heads_reference
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "expert_heads.jsonl"
+IMPLS = ("k1", "reference", "compiled_reference", "per_expert_loop")
+MODES = ("fwd", "fwd+bwd")
+
+# Shape groups: (name, B, L, C, M, horizons). LeMoLE-style windows are stated for L=336.
+SHAPES = {
+    "full": [("ETTh1-like", 32, 336, 7, 4, (96, 192, 336, 720)),
+             ("ECL-like", 32, 336, 321, 4, (96, 720))],
+    "quick": [("ETTh1-like", 32, 336, 7, 4, (96,)),
+              ("ECL-like", 32, 336, 321, 4, (96,))],
+    "tiny": [("tiny", 2, 24, 3, 2, (8,))],
+}
+
+
+def window_sets(L: int, M: int) -> list[tuple[str, list[int]]]:
+    """('mole', all experts see L) and ('lemole', LeMoLE-style shrinking windows)."""
+    if L == 336 and M == 4:
+        lemole = [336, 192, 96, 96]
+    else:  # same idea at other sizes: halve the window for each later expert, at least 1
+        lemole = [max(1, L >> min(m, 2)) for m in range(M)]
+    return [("mole", [L] * M), ("lemole", lemole)]
+
+
+# Peak numbers (dense, no sparsity), by substring of torch.cuda.get_device_name(). Order matters:
+# the first match wins. GB/s of HBM; TFLOP/s for fp32 on the CUDA cores (Triton's "ieee" dot, the
+# default when torch.backends.cuda.matmul.allow_tf32 is False), TF32 and bf16 on the tensor cores.
+PEAKS = [
+    ("H200", dict(gbps=4800, fp32=67, tf32=495, bf16=989)),
+    ("H100 PCIe", dict(gbps=2000, fp32=51, tf32=378, bf16=756)),
+    ("H100 NVL", dict(gbps=3900, fp32=60, tf32=418, bf16=835)),
+    ("H100", dict(gbps=3350, fp32=67, tf32=495, bf16=989)),          # SXM5 / HBM3
+    ("A100-SXM4-80GB", dict(gbps=2039, fp32=19.5, tf32=156, bf16=312)),
+    ("A100 80GB PCIe", dict(gbps=1935, fp32=19.5, tf32=156, bf16=312)),
+    ("A100", dict(gbps=1555, fp32=19.5, tf32=156, bf16=312)),         # 40 GB parts
+]
+
+
+def device_peak(name: str, dtype: torch.dtype) -> tuple[float | None, float | None]:
+    """(peak GB/s, peak TFLOP/s for this dtype) or (None, None) when the device is not in the table."""
+    for key, p in PEAKS:
+        if key.lower() in name.lower():
+            if dtype == torch.bfloat16:
+                fl = p["bf16"]
+            elif torch.backends.cuda.matmul.allow_tf32:
+                fl = p["tf32"]
+            else:
+                fl = p["fp32"]
+            return float(p["gbps"]), float(fl)
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model (the same for every impl: "useful" work, so it reads as effective throughput).
+#   e   = element size of the dtype (x, weight, bias, gates and y all share it here)
+#   fwd bytes   = e * (B*L*C          x, read once
+#                      + H*sum(w_m)  packed weight, only the window columns
+#                      + M*H         bias
+#                      + B*C*M       gates
+#                      + B*H*C)      y written
+#   bwd bytes   = e * (B*H*C dy + B*L*C x + H*sum(w_m) weight + B*C*M gates       read
+#                      + B*L*C dx + M*H*L dW + M*H dbias + B*C*M dgates)          written
+#   fwd+bwd bytes = fwd + bwd (about 2-3x fwd; the intermediates, e.g. the per-expert outputs
+#                   that the eager paths materialise, are not counted: they are the overhead).
+#   fwd flops     = 2*B*C*sum(w_m)*H   (the masked zeros the packed reference multiplies don't count)
+#   fwd+bwd flops = 3 * fwd flops      (dx and dW each cost one forward GEMM)
+# ---------------------------------------------------------------------------------------------
+def cost_model(B, L, C, H, M, windows, esize):
+    sw = sum(windows)
+    fwd_bytes = esize * (B * L * C + H * sw + M * H + B * C * M + B * H * C)
+    bwd_bytes = esize * (B * H * C + B * L * C + H * sw + B * C * M
+                         + B * L * C + M * H * L + M * H + B * C * M)
+    fwd_flops = 2 * B * C * sw * H
+    return {"fwd": (fwd_bytes, fwd_flops), "fwd+bwd": (fwd_bytes + bwd_bytes, 3 * fwd_flops)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-expert loop, as in LeMoLE's public code
+# ---------------------------------------------------------------------------------------------
+class PerExpertLoop(nn.Module):
+    """``nn.ModuleList`` of ``nn.Linear(w_m, H)``; loop, stack, gate-weighted sum, [B, H, C]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, windows: list[int]):
+        super().__init__()
+        M, H, L = weight.shape
+        self.L, self.windows = L, list(windows)
+        self.heads = nn.ModuleList()
+        with torch.no_grad():
+            for m, w in enumerate(windows):
+                lin = nn.Linear(w, H, device=weight.device, dtype=weight.dtype)
+                lin.weight.copy_(weight[m, :, L - w:])
+                lin.bias.copy_(bias[m])
+                self.heads.append(lin)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        outs = [head(x[:, self.L - w:, :].transpose(1, 2))            # [B, C, H] each
+                for head, w in zip(self.heads, self.windows)]
+        e = torch.stack(outs, dim=-1)                                  # [B, C, H, M]
+        y = (e * gates.unsqueeze(2)).sum(-1)                           # [B, C, H]
+        return y.transpose(1, 2)                                       # [B, H, C]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolation percentile, q in [0, 100]."""
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def once(self, fn) -> float:
+        """Wall time of one call in ms (CUDA events on CUDA)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def make_inputs(B, L, C, H, M, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rnd(B, L, C)
+    weight = rnd(M, H, L, scale=L ** -0.5)
+    bias = rnd(M, H, scale=0.1)
+    gates = torch.softmax(torch.randn(B, C, M, generator=g), dim=-1).to(device=device, dtype=dtype)
+    return x, weight, bias, gates
+
+
+def build_impl(impl, x, weight, bias, gates, windows, compiled_ref):
+    """Returns (fn(x, gates) -> y, params list for the gradients, backend label)."""
+    if impl == "k1":
+        with mmts_fast.use_backend("auto"):
+            label = _backend.resolve(x)
+
+        def fn(x, g):
+            with mmts_fast.use_backend("auto"):
+                return mmts_fast.ops.expert_heads(x, weight, bias, g, windows)
+        return fn, [weight, bias], label
+    if impl == "reference":
+        return (lambda x, g: expert_heads_reference(x, weight, bias, g, windows)), [weight, bias], "torch"
+    if impl == "compiled_reference":
+        return (lambda x, g: compiled_ref(x, weight, bias, g, windows)), [weight, bias], "inductor"
+    if impl == "per_expert_loop":
+        mod = PerExpertLoop(weight.detach(), bias.detach(), windows)
+        return mod, list(mod.parameters()), "torch"
+    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def make_step(mode, fn, x, gates, params, dy):
+    leaves = [x, gates, *params]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(x, gates)
+    else:
+        def step():
+            y = fn(x, gates)
+            return torch.autograd.grad(y, leaves, dy)
+    return step
+
+
+def time_step(step, timer, *, warmup, budget_s, min_reps, max_reps, fixed_reps=None):
+    """Warm up, choose reps from the budget and the warm-up's last call, time. Returns (times_ms, reps)."""
+    last = 0.0
+    for _ in range(max(1, warmup)):
+        last = timer.once(step)
+    if fixed_reps:
+        reps = fixed_reps
+    else:
+        reps = int(budget_s * 1e3 / max(last, 1e-3))
+        reps = max(min_reps, min(max_reps, reps))
+    times = [timer.once(step) for _ in range(reps)]
+    return times, reps
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+COLS = [("impl", 18), ("backend", 8), ("mode", 7), ("shape", 10), ("H", 4), ("windows", 16),
+        ("median_ms", 10), ("p20_ms", 9), ("p80_ms", 9), ("reps", 4)]
+
+
+LEFT = ("impl", "backend", "mode", "shape")
+
+
+def _fmt(row, key, width):
+    v = row.get(key)
+    if key == "windows" and isinstance(v, list):
+        v = ",".join(str(w) for w in v)
+    elif isinstance(v, float):
+        v = f"{v:.3f}"
+    s = "-" if v is None else str(v)
+    return s[:width].ljust(width) if key in LEFT else s[:width].rjust(width)
+
+
+def print_header():
+    print("          " + " ".join(_fmt({k: k}, k, w) for k, w in COLS) + "  extra", flush=True)
+
+
+def print_row(row, i, n):
+    extra = []
+    if row.get("error"):
+        extra.append("ERROR: " + row["error"].splitlines()[0][:80])
+    if row.get("tflops") is not None and row.get("device_type") == "cuda":
+        extra.append(f"{row['gbps']:.0f} GB/s {row['tflops']:.2f} TFLOP/s")
+    if row.get("compile_s") is not None:
+        extra.append(f"compile {row['compile_s']:.1f}s")
+    print(f"[{i:3d}/{n}] " + " ".join(_fmt(row, k, w) for k, w in COLS) + "  " + "; ".join(extra), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only H=96 for both shapes, fewer reps")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON-lines file to append to")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="target timed seconds per row (default 4 on CPU, 1 on CUDA; quick: a quarter)")
+    p.add_argument("--reps", type=int, default=None, help="fixed number of timed reps (overrides the budget)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) first (default: leave torch's default)")
+    p.add_argument("--shapes", default=None, choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = "quick" if args.quick else "full"
+    args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    for s in args.impls:
+        if s not in IMPLS:
+            p.error(f"unknown impl {s!r}; choose from {', '.join(IMPLS)}")
+    for s in args.modes:
+        if s not in MODES:
+            p.error(f"unknown mode {s!r}; choose from {', '.join(MODES)}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    tiny = args.shapes == "tiny"
+    quick = args.shapes == "quick"
+    budget_s = args.budget_s if args.budget_s is not None else (1.0 if cuda else 4.0) * (0.25 if quick else 1.0)
+    warmup = 1 if tiny else (10 if cuda else 2)
+    min_reps = 3 if quick else 5
+    max_reps = (50 if quick else 200) if cuda else (10 if quick else 30)
+    fixed_reps = args.reps if args.reps else (2 if tiny else None)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    dev_name = device_name(device)
+    peak_gbps, peak_tflops = device_peak(dev_name, dtype) if cuda else (None, None)
+    esize = torch.empty(0, dtype=dtype).element_size()
+
+    compiled_ref = None
+    if "compiled_reference" in args.impls:
+        # one compiled function for all shapes; static shapes, so allow one graph per shape/windows/mode
+        for k in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, k):
+                setattr(torch._dynamo.config, k, max(getattr(torch._dynamo.config, k), 256))
+        compiled_ref = torch.compile(expert_heads_reference, dynamic=False)
+
+    configs = []
+    for shape, B, L, C, M, horizons in SHAPES[args.shapes]:
+        for H in horizons:
+            for wname, windows in window_sets(L, M):
+                configs.append((shape, B, L, C, H, M, wname, windows))
+    n_rows = len(configs) * len(args.impls) * len(args.modes)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"# expert_heads bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_version}, "
+          f"{n_rows} rows, budget {budget_s:g}s/row -> {out}", flush=True)
+    if not cuda:
+        print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+              f"load average {os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
+    print_header()
+
+    rows, i = [], 0
+    t_start = time.perf_counter()
+    for shape, B, L, C, H, M, wname, windows in configs:
+        x0, weight0, bias0, gates0 = make_inputs(B, L, C, H, M, device, dtype)
+        x = x0.requires_grad_(True)
+        weight, bias, gates = (t.requires_grad_(True) for t in (weight0, bias0, gates0))
+        timer = Timer(device)
+        with torch.no_grad(), mmts_fast.use_backend("auto"):
+            y_k1 = mmts_fast.ops.expert_heads(x, weight, bias, gates, windows)
+        dy = torch.randn(y_k1.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+        cost = cost_model(B, L, C, H, M, windows, esize)
+        for impl in args.impls:
+            err, fn, params, label, check = None, None, [], None, None
+            try:
+                fn, params, label = build_impl(impl, x, weight, bias, gates, windows, compiled_ref)
+            except Exception as e:  # noqa: BLE001 - record, don't crash
+                err = f"{type(e).__name__}: {e}"
+            for mode in args.modes:
+                i += 1
+                row = {
+                    "bench": "expert_heads", "impl": impl, "backend": label, "mode": mode,
+                    "device": dev_name, "device_type": device.type, "dtype": args.dtype, "shape": shape,
+                    "B": B, "L": L, "C": C, "H": H, "M": M, "windows": windows, "window_set": wname,
+                    "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0,
+                    "threads": torch.get_num_threads(),
+                    "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "torch": torch.__version__, "triton": triton_version,
+                }
+                if err is None:
+                    try:
+                        step = make_step(mode, fn, x, gates, params, dy)
+                        if impl == "compiled_reference":
+                            t0 = time.perf_counter()
+                            step()          # compile for this shape and grad mode
+                            timer.sync()
+                            row["compile_s"] = round(time.perf_counter() - t0, 2)
+                        if check is None:   # once per impl, outside timing
+                            with torch.no_grad():
+                                check = rel_err(fn(x, gates), y_k1)
+                            row["rel_err_vs_k1"] = check
+                        else:
+                            row["rel_err_vs_k1"] = check
+                        if check > tol:
+                            raise RuntimeError(f"output differs from k1: rel err {check:.2e} > {tol:g}")
+                        times, reps = time_step(step, timer, warmup=warmup, budget_s=budget_s,
+                                                min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
+                        med = percentile(times, 50)
+                        row.update(median_ms=med, p20_ms=percentile(times, 20), p80_ms=percentile(times, 80),
+                                   reps=reps, warmup=warmup)
+                        nbytes, flops = cost[mode]
+                        row.update(model_bytes=nbytes, model_flops=flops,
+                                   gbps=nbytes / (med * 1e-3) / 1e9, tflops=flops / (med * 1e-3) / 1e12)
+                        if cuda:
+                            row.update(peak_gbps=peak_gbps, peak_tflops=peak_tflops,
+                                       frac_peak_bw=row["gbps"] / peak_gbps if peak_gbps else None,
+                                       frac_peak_flops=row["tflops"] / peak_tflops if peak_tflops else None)
+                    except Exception as e:  # noqa: BLE001 - a failed row is data, not a crash
+                        msg = f"{type(e).__name__}: {e}"
+                        row["error"] = msg[:2000]
+                        if impl != "compiled_reference" and "differs from k1" not in msg:
+                            print(f"# unexpected failure in {impl}: {msg.splitlines()[0]}", file=sys.stderr)
+                else:
+                    row["error"] = err[:2000]
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                print_row(row, i, n_rows)
+        del x, weight, bias, gates, y_k1, dy
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"# done: {len(rows)} rows in {time.perf_counter() - t_start:.0f}s -> {out}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Render expert_heads bench rows (JSON lines) as markdown.
+
+    python bench/render.py bench/results/expert_heads.jsonl [more.jsonl ...] > bench/results/expert_heads.md
+
+One table per (device, dtype, shape group); one line per (H, windows, mode) with the median ms of
+each impl and the speedup of k1 over each other impl (their median / k1's median: > 1 means k1 is
+faster). When a key (device, dtype, shape, B, L, C, H, M, windows, impl, mode) appears more than
+once, only the latest row counts (by ``date``, then by position in the files, later files last).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+IMPLS = ("k1", "reference", "compiled_reference", "per_expert_loop")
+MODES = ("fwd", "fwd+bwd")
+
+
+def load(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    print(f"warning: {p}:{n}: skipped, not JSON ({e})", file=sys.stderr)
+                    continue
+                if row.get("bench", "expert_heads") == "expert_heads":
+                    rows.append(row)
+    return rows
+
+
+def shape_group(r: dict) -> str:
+    return r.get("shape") or f"B={r['B']} L={r['L']} C={r['C']}"
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """Keep the latest row per key (ISO dates sort as strings; ties: the later line wins)."""
+    best = {}
+    for pos, r in enumerate(rows):
+        key = (r.get("device"), r.get("dtype"), shape_group(r), r["B"], r["L"], r["C"], r["H"], r["M"],
+               tuple(r["windows"]), r["impl"], r["mode"])
+        rank = (r.get("date") or "", pos)
+        if key not in best or rank >= best[key][0]:
+            best[key] = (rank, r)
+    return [r for _, r in sorted(best.values(), key=lambda t: t[0][1])]
+
+
+def _ms(r) -> str:
+    if r is None:
+        return "-"
+    if r.get("error") or r.get("median_ms") is None:
+        return "error"
+    m = r["median_ms"]
+    return f"{m:.3f}" if m < 10 else f"{m:.1f}" if m < 1000 else f"{m:.0f}"
+
+
+def _ratio(other, k1) -> str:
+    if not other or not k1 or other.get("median_ms") is None or k1.get("median_ms") is None:
+        return "-"
+    return f"{other['median_ms'] / k1['median_ms']:.2f}x"
+
+
+def render(rows: list[dict]) -> str:
+    rows = latest(rows)
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.get("device"), r.get("dtype"), shape_group(r)), []).append(r)
+    out = ["# expert_heads (K1) benchmark", "",
+           "Median wall time in ms per call; `k1 vs X` = X's median / k1's median (> 1: k1 is faster).",
+           "`fwd` runs under `torch.no_grad()`; `fwd+bwd` is the forward plus `torch.autograd.grad` for "
+           "x, weights, biases and gates.", ""]
+    for (device, dtype, shape), grp in groups.items():
+        impls = [i for i in IMPLS if any(r["impl"] == i for r in grp)]
+        impls += sorted({r["impl"] for r in grp} - set(impls))
+        k1_backends = sorted({r.get("backend") or "?" for r in grp if r["impl"] == "k1"})
+        r0 = grp[0]
+        dates = sorted(r.get("date") or "" for r in grp)
+        out.append(f"## {shape} (B={r0['B']}, L={r0['L']}, C={r0['C']}, M={r0['M']}) - {device} - {dtype}")
+        out.append("")
+        meta = [f"k1 backend: {', '.join(k1_backends) or 'n/a'}",
+                f"torch {r0.get('torch')}, triton {r0.get('triton')}",
+                f"runs {dates[0][:16]} .. {dates[-1][:16]}"]
+        loads = [r["loadavg"] for r in grp if r.get("loadavg") is not None]
+        if loads:
+            meta.append(f"load average {min(loads):.1f}-{max(loads):.1f}")
+        out.append("; ".join(meta))
+        out.append("")
+        others = [i for i in impls if i != "k1"]
+        head = ["H", "windows", "mode"] + [f"{i} ms" for i in impls]
+        if "k1" in impls:
+            head += [f"k1 vs {i}" for i in others]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---:", ":---", ":---"] + ["---:"] * (len(head) - 3)) + "|")
+        by = {}
+        for r in grp:
+            by[(r["H"], tuple(r["windows"]), r["mode"], r["impl"])] = r
+        lines = sorted({(r["H"], tuple(r["windows"]), r.get("window_set", ""), r["mode"]) for r in grp},
+                       key=lambda t: (t[0], t[2] != "mole", t[1], MODES.index(t[3]) if t[3] in MODES else 9))
+        errors = []
+        for H, win, wset, mode in lines:
+            cells = [str(H), (f"{wset} " if wset else "") + ",".join(map(str, win)), mode]
+            for i in impls:
+                r = by.get((H, win, mode, i))
+                cells.append(_ms(r))
+                if r is not None and r.get("error"):
+                    errors.append(f"- {i}, H={H}, windows={','.join(map(str, win))}, {mode}: "
+                                  f"{r['error'].splitlines()[0][:200]}")
+            if "k1" in impls:
+                k1 = by.get((H, win, mode, "k1"))
+                cells += [_ratio(by.get((H, win, mode, i)), k1) for i in others]
+            out.append("| " + " | ".join(cells) + " |")
+        if any(r.get("device_type") == "cuda" and r.get("tflops") is not None for r in grp if r["impl"] == "k1"):
+            out.append("")
+            out.append("k1 throughput (model bytes / FLOPs, see bench_expert_heads.py):")
+            out.append("")
+            out.append("| H | windows | mode | GB/s | TFLOP/s | % peak BW | % peak FLOP/s |")
+            out.append("|---:|:---|:---|---:|---:|---:|---:|")
+            for H, win, wset, mode in lines:
+                r = by.get((H, win, mode, "k1"))
+                if not r or r.get("tflops") is None:
+                    continue
+                pb = f"{100 * r['frac_peak_bw']:.1f}" if r.get("frac_peak_bw") is not None else "-"
+                pf = f"{100 * r['frac_peak_flops']:.1f}" if r.get("frac_peak_flops") is not None else "-"
+                out.append(f"| {H} | {','.join(map(str, win))} | {mode} | {r['gbps']:.0f} | "
+                           f"{r['tflops']:.2f} | {pb} | {pf} |")
+        if errors:
+            out.append("")
+            out.append("Errors:")
+            out.append("")
+            out.extend(errors)
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    for p in argv:
+        if not Path(p).exists():
+            raise SystemExit(f"no such file: {p}")
+    text = render(load(argv))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""ONNX export of the forecasting models, and its check in ONNX Runtime.
+
+The exported graph is the plain-PyTorch reference path (``mmts_fast.use_backend("torch")``), so it
+holds only standard ONNX operators, never the Triton custom op. Graph signature::
+
+    inputs   x_enc       [B, L, C]  float32   scaled values
+             x_mark_enc  [B, L, F]  float32   time features
+             <extra>     [B, ...]             optional extra keyword inputs (``extra_inputs``)
+    output   y           [B, H, C]  float32
+
+with a dynamic batch axis ``B``. Typical use::
+
+    path = export_onnx(model, "out/model.onnx")
+    err = verify_onnx(model, path, x_enc, x_mark_enc)      # raises if err > atol
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmts_fast.backend import use_backend
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ("x_enc", "x_mark_enc")
+OUTPUT_NAME = "y"
+STANDARD_DOMAINS = ("", "ai.onnx")
+_EMBED_LIMIT = 1 << 30   # weights above 1 GiB go to an external data file (protobuf caps a file at 2 GiB)
+
+
+class _Positional(nn.Module):
+    """Calls ``model(x_enc, x_mark_enc, **extras)`` from positional inputs, so that both exporters
+    see one flat, ordered list of graph inputs."""
+
+    def __init__(self, model: nn.Module, extra_names: Sequence[str]):
+        super().__init__()
+        self.model, self.extra_names = model, tuple(extra_names)
+
+    def forward(self, x_enc: Tensor, x_mark_enc: Tensor, *extras: Tensor) -> Tensor:
+        return self.model(x_enc, x_mark_enc, **dict(zip(self.extra_names, extras)))
+
+
+@contextlib.contextmanager
+def _reference_mode(model: nn.Module):
+    """The model in eval mode, on CPU, floating tensors in fp32, ops on the torch backend; every
+    parameter and buffer gets its own device and dtype back afterwards, and the training flag too."""
+    was_training = model.training
+    saved = {name: (t.device, t.dtype) for name, t in
+             [*model.named_parameters(), *model.named_buffers()]}
+    try:
+        model.to(device="cpu", dtype=torch.float32)   # dtype applies to floating tensors only
+        model.eval()
+        with use_backend("torch"), torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+        for name, (device, dtype) in saved.items():
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            t = getattr(module, attr)
+            if t.device != device or t.dtype != dtype:
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(device, dtype)
+                else:
+                    module._buffers[attr] = t.to(device, dtype)
+
+
+def _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs):
+    cfg = getattr(model, "config", None)
+
+    def pick(value, name):
+        value = value if value is not None else getattr(cfg, name, None)
+        if value is None:
+            raise ValueError(f"export_onnx: pass {name}= (the model has no config.{name})")
+        return int(value)
+
+    L, C, F = pick(lookback, "lookback"), pick(channels, "channels"), pick(n_time_features, "n_time_features")
+    if batch_size < 2:   # torch.export specialises size-1 dims, which would fix the batch to 1
+        raise ValueError(f"export_onnx: batch_size must be >= 2 for a dynamic batch axis, got {batch_size}")
+    g = torch.Generator().manual_seed(0)
+    x_enc = torch.randn(batch_size, L, C, generator=g)
+    x_mark_enc = torch.rand(batch_size, L, F, generator=g) - 0.5   # timeF features lie in [-0.5, 0.5]
+    extras = {}
+    for name, t in (extra_inputs or {}).items():
+        if name in INPUT_NAMES or name == OUTPUT_NAME:
+            raise ValueError(f"export_onnx: extra input name {name!r} clashes with {INPUT_NAMES + (OUTPUT_NAME,)}")
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != batch_size:
+            raise ValueError(f"export_onnx: extra input {name!r} must be a tensor with batch dim "
+                             f"{batch_size} first, got {getattr(t, 'shape', type(t))}")
+        t = t.detach().cpu()
+        extras[name] = t.float() if t.is_floating_point() else t
+    return (x_enc, x_mark_enc), extras
+
+
+def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data):
+    common = dict(input_names=list(names), output_names=[OUTPUT_NAME], opset_version=opset)
+    if use_dynamo:
+        batch = torch.export.Dim("batch")
+        shapes = [{0: batch}, {0: batch}]
+        if len(args) > 2:   # forward(x_enc, x_mark_enc, *extras): torch.export nests the extras in a tuple
+            shapes.append(tuple({0: batch} for _ in args[2:]))
+        with warnings.catch_warnings():   # input_names renaming the already-named batch axis: harmless
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            torch.onnx.export(wrapper, args, str(out_file), dynamo=True, external_data=external_data,
+                              dynamic_shapes=tuple(shapes), verbose=False, **common)
+    else:   # writes external data by itself only past protobuf's 2 GiB limit
+        axes = {n: {0: "batch"} for n in (*names, OUTPUT_NAME)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # "legacy exporter": we know, see the log
+            torch.onnx.export(wrapper, args, str(out_file), dynamo=False, dynamic_axes=axes, **common)
+
+
+def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, channels: Optional[int] = None,
+                n_time_features: Optional[int] = None, batch_size: int = 2, opset: int = 18,
+                extra_inputs: Optional[Mapping[str, Tensor]] = None) -> Path:
+    """Export a forecasting model ``model(x_enc, x_mark_enc, **extra_inputs) -> [B, H, C]`` to ONNX.
+
+    Args:
+        model: a ``ForecastModel`` (or any module with that forward); it is left as found
+            (training flag, device and dtypes are restored).
+        path: the ``.onnx`` file to write; written atomically (a failed export leaves an existing
+            file untouched and no partial file behind). Parent folders are created.
+        lookback, channels, n_time_features: the L, C and F of the example inputs; default
+            ``model.config.lookback`` / ``.channels`` / ``.n_time_features``.
+        batch_size: batch of the example inputs (>= 2; the batch axis is dynamic in the graph).
+        opset: ONNX opset of the default domain.
+        extra_inputs: name -> example tensor (batch first) for extra keyword inputs of ``forward``;
+            they become graph inputs after ``x_enc``, ``x_mark_enc``, in this order, with a
+            dynamic batch axis.
+
+    Returns:
+        The path written. Which exporter was used (``dynamo``, else the TorchScript fallback) is
+        logged at INFO level on the ``mmts_fast.export.onnx`` logger (the fallback's reason at WARNING).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args, extras = _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs)
+    args = (*args, *extras.values())
+    names = (*INPUT_NAMES, *extras)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    external_data = n_bytes > _EMBED_LIMIT
+    # Export into a private folder next to the target, under the final file name (so that an
+    # external data file, if any, is referenced by its final name), then move the files over.
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        out_file = tmp_dir / path.name
+        with _reference_mode(model):
+            wrapper = _Positional(model, tuple(extras)).eval()
+            start = time.perf_counter()
+            try:
+                _export(wrapper, args, names, out_file, opset, True, external_data)
+                exporter = "dynamo"
+            except Exception as err:   # noqa: BLE001 - any dynamo failure: try the other exporter
+                logger.warning("dynamo ONNX export of %s failed (%s: %s); falling back to the "
+                               "TorchScript exporter", type(model).__name__, type(err).__name__, err)
+                for leftover in tmp_dir.iterdir():
+                    leftover.unlink()
+                _export(wrapper, args, names, out_file, opset, False, external_data)
+                exporter = "torchscript"
+            seconds = time.perf_counter() - start
+        if not out_file.is_file():
+            raise RuntimeError(f"export_onnx: the {exporter} exporter wrote no file")
+        # The .onnx file goes last: it is the commit point, its data files are in place before it.
+        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("exported %s to %s with the %s exporter in %.2f s", type(model).__name__, path, exporter, seconds)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+def _non_standard_ops(graph) -> list[str]:
+    """``domain::op_type`` of every node (also in subgraphs) outside the standard ONNX domain."""
+    import onnx
+
+    found = []
+    for node in graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            found.append(f"{node.domain}::{node.op_type}")
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                found += _non_standard_ops(sub)
+    return found
+
+
+def check_graph(path) -> "onnx.ModelProto":  # noqa: F821
+    """``onnx.checker`` plus this package's contract: inputs start with ``x_enc``, ``x_mark_enc``
+    (rank 3), the single output is ``y`` (rank 3), batch axes are symbolic, only standard ops.
+    Returns the loaded model; raises ``ValueError`` on any violation."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    inputs, outputs = list(graph.input), list(graph.output)
+    names = [i.name for i in inputs]
+    if names[:2] != list(INPUT_NAMES):
+        raise ValueError(f"{path}: graph inputs are {names}, expected {list(INPUT_NAMES)} first")
+    if [o.name for o in outputs] != [OUTPUT_NAME]:
+        raise ValueError(f"{path}: graph outputs are {[o.name for o in outputs]}, expected [{OUTPUT_NAME!r}]")
+    for v in (*inputs[:2], outputs[0]):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != 3:
+            raise ValueError(f"{path}: {v.name} has rank {len(dims)}, expected 3")
+    for v in (*inputs, outputs[0]):
+        if v.type.tensor_type.shape.dim[0].HasField("dim_value"):
+            raise ValueError(f"{path}: {v.name} has a fixed batch size "
+                             f"{v.type.tensor_type.shape.dim[0].dim_value}, expected a dynamic axis")
+    bad = _non_standard_ops(graph)
+    if bad:
+        raise ValueError(f"{path}: non-standard ONNX ops in the graph: {sorted(set(bad))}")
+    return proto
+
+
+def verify_onnx(model: nn.Module, path, x_enc: Tensor, x_mark_enc: Tensor, *, atol: float = 1e-4,
+                providers: Optional[Sequence] = None, extra_inputs: Optional[Mapping[str, Tensor]] = None
+                ) -> float:
+    """Run the exported file in ONNX Runtime on one batch and compare with the PyTorch model.
+
+    The reference is the model in eval mode, on CPU, fp32, torch backend (the model is left as found).
+    ONNX Runtime uses the CUDA provider (TF32 off) when the inputs are on CUDA and it is available,
+    else the CPU provider; ``providers`` overrides that choice.
+
+    Returns the max absolute error. Raises ``ValueError`` if the graph breaks the contract
+    (see :func:`check_graph`) or the output shape is wrong, ``AssertionError`` if the error > ``atol``.
+    """
+    import onnxruntime as ort
+
+    check_graph(path)
+    extra_inputs = dict(extra_inputs or {})
+    if providers is None:
+        on_cuda = x_enc.is_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ([("CUDAExecutionProvider", {"use_tf32": 0})] if on_cuda else []) + ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=list(providers))
+
+    def host(t: Tensor) -> Tensor:
+        t = t.detach().cpu()
+        return t.float() if t.is_floating_point() else t
+
+    feeds = {"x_enc": host(x_enc), "x_mark_enc": host(x_mark_enc), **{k: host(v) for k, v in extra_inputs.items()}}
+    expected = {i.name for i in session.get_inputs()}
+    if set(feeds) != expected:
+        raise ValueError(f"{path}: the graph takes inputs {sorted(expected)}, got {sorted(feeds)}")
+    with _reference_mode(model):
+        ref = model(feeds["x_enc"], feeds["x_mark_enc"], **{k: feeds[k] for k in extra_inputs})
+    (out,) = session.run([OUTPUT_NAME], {k: v.numpy() for k, v in feeds.items()})
+    out = torch.from_numpy(out)
+    if tuple(out.shape) != tuple(ref.shape):
+        raise ValueError(f"{path}: ONNX output {OUTPUT_NAME!r} has shape {tuple(out.shape)}, "
+                         f"the PyTorch model gives {tuple(ref.shape)}")
+    err = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
+    if not err <= atol:   # also catches NaN
+        raise AssertionError(f"{path}: ONNX Runtime ({session.get_providers()[0]}) differs from PyTorch by "
+                             f"max abs {err:.3e} > atol {atol:.1e} on a batch of {tuple(x_enc.shape)}")
+    return err
+
+
+__all__ = ["check_graph", "export_onnx", "verify_onnx"]

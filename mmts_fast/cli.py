@@ -1,0 +1,196 @@
+"""Command line: ``mmts-fast train | eval | export | run``.
+
+    mmts-fast train --model rlinear_mole --data ETTh1.csv --lookback 336 --horizon 96 --seed 2021 --out DIR
+    mmts-fast eval DIR [--data CSV]             # MSE/MAE on the test split and DIR/forecast.png
+    mmts-fast export DIR [--out model.onnx]     # ONNX, checked in ONNX Runtime
+    mmts-fast run [--data CSV] --out DIR        # train, eval and export in one go (built-in data by default)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+DATA_SPEC = "data.json"
+
+
+# ------------------------------------------------------------------------------------------- data
+def build_datasets(spec: dict):
+    """Train/val/test datasets from a data spec (a CSV path, or ``None`` for the built-in synthetic data)."""
+    from mmts_fast.data import ForecastDataset, load_csv, synthetic_table
+
+    if spec.get("data"):
+        table = load_csv(spec["data"], target=spec["target"])
+        name = Path(spec["data"]).name
+        borders = ("ett_h" if name.startswith("ETTh") else "ett_m" if name.startswith("ETTm") else "custom")
+    else:
+        table = synthetic_table(**spec["synthetic"])
+        borders = "custom"
+    kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"],
+              target=spec["target"], borders=borders)
+    train = ForecastDataset(table, "train", **kw)
+    stats = (train.mean, train.std)
+    return train, ForecastDataset(table, "val", stats=stats, **kw), ForecastDataset(table, "test", stats=stats, **kw)
+
+
+def _load_spec(run_dir: Path, data=None) -> dict:
+    path = run_dir / DATA_SPEC
+    if not path.exists():
+        raise SystemExit(f"error: {run_dir} has no {DATA_SPEC}; is it a directory written by `mmts-fast train`?")
+    spec = json.loads(path.read_text())
+    if data is not None:
+        spec["data"] = str(Path(data).resolve())
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> dict:
+    from mmts_fast.models import get_model_class
+    from mmts_fast.train import TrainConfig, fit, write_json
+
+    try:
+        klass = get_model_class(args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    spec = {"data": str(Path(args.data).resolve()) if args.data else None,
+            "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0},
+            "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target}
+    if args.data is None:
+        print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
+    try:
+        train, val, test = build_datasets(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
+
+    cfg_fields = {f.name for f in fields(klass.config_class)}
+    options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
+                   n_experts=args.experts, n_time_features=train.n_time_features,
+                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout)
+    try:
+        config = klass.config_class(**{k: v for k, v in options.items() if k in cfg_fields and v is not None})
+        torch.manual_seed(args.seed)
+        model = klass(config)
+        tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+                           seed=args.seed, device=args.device, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / DATA_SPEC, spec)
+    print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
+          f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
+    metrics = fit(model, train, val, test, tcfg, out_dir=out)
+    metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
+    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target")}
+    write_json(out / "metrics.json", metrics)
+    t = metrics["test"]
+    print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (best epoch {metrics['best_epoch']}, "
+          f"{metrics['train_time_s']:.0f}s)")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> dict:
+    from mmts_fast.models import ForecastModel
+    from mmts_fast.plot import plot_forecasts
+    from mmts_fast.train import evaluate, resolve_device
+
+    run_dir = Path(args.run_dir)
+    spec = _load_spec(run_dir, args.data)
+    model = ForecastModel.from_pretrained(run_dir).to(resolve_device(args.device))
+    try:
+        _, _, test = build_datasets(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    if test.n_channels != model.config.channels:
+        raise SystemExit(f"error: the data has {test.n_channels} channels but the model was trained on "
+                         f"{model.config.channels}")
+    m = evaluate(model, test)
+    print(f"test  mse {m['mse']:.4f}  mae {m['mae']:.4f}  ({len(test)} windows, {spec['data'] or 'built-in data'})")
+    png = Path(args.plot) if args.plot else run_dir / "forecast.png"
+    plot_forecasts(model, test, png)
+    print(f"plot: {png}")
+    return m
+
+
+# ----------------------------------------------------------------------------------------- export
+def cmd_export(args) -> float:
+    from mmts_fast.export import export_onnx, verify_onnx
+    from mmts_fast.models import ForecastModel
+
+    run_dir = Path(args.run_dir)
+    model = ForecastModel.from_pretrained(run_dir)
+    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    export_onnx(model, out)
+    try:   # check on real test windows when the data is at hand, else on random inputs
+        _, _, test = build_datasets(_load_spec(run_dir))
+        x, _, xm, _ = test.batch(torch.arange(min(len(test), 16)))
+    except (SystemExit, ValueError, FileNotFoundError):
+        cfg = model.config
+        x, xm = torch.randn(16, cfg.lookback, cfg.channels), torch.rand(16, cfg.lookback, cfg.n_time_features) - 0.5
+    err = verify_onnx(model, out, x, xm, atol=args.atol)
+    print(f"exported {out}; ONNX Runtime vs PyTorch max abs error {err:.2e} (batch {x.shape[0]}, tolerance {args.atol:g})")
+    return err
+
+
+def cmd_run(args):
+    cmd_train(args)
+    cmd_eval(argparse.Namespace(run_dir=args.out, data=None, plot=None, device=args.device))
+    cmd_export(argparse.Namespace(run_dir=args.out, out=None, atol=1e-4))
+
+
+# ----------------------------------------------------------------------------------------- parser
+def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
+    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole")
+    p.add_argument("--data", default=None, help="TSLib CSV (date column + channels); built-in data if omitted")
+    p.add_argument("--lookback", type=int, default=336)
+    p.add_argument("--horizon", type=int, default=96)
+    p.add_argument("--experts", type=int, default=4, help="number of linear experts (1 = DLinear/RLinear)")
+    p.add_argument("--windows", type=int, nargs="+", default=None, help="per-expert lookback windows")
+    p.add_argument("--head-dropout", type=float, default=0.2)
+    p.add_argument("--dropout", type=float, default=None, help="input dropout (RLinear/RMLP; default 0.1)")
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--seed", type=int, default=2021)
+    p.add_argument("--features", default="M", choices=["M", "S", "MS"])
+    p.add_argument("--target", default="OT")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=out_required, default=None, help="run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmts-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_args(sub.add_parser("train", help="train a model; writes the best checkpoint and metrics.json"))
+    p = sub.add_parser("eval", help="test MSE/MAE and a forecast plot")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="CSV (default: the data the run was trained on)")
+    p.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/forecast.png)")
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("export", help="ONNX export, verified in ONNX Runtime")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="ONNX path (default RUN_DIR/model.onnx)")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p = sub.add_parser("run", help="train + eval + export (the README's main job)")
+    _train_args(p, out_required=False)
+    p.set_defaults(out="runs/demo")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_run}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Forecast plots: what a person would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Path:
+    """PNG of ``n_windows`` evenly spaced test windows: lookback, truth and forecast of one channel
+    (the target by default), in the data's original units."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = next(model.parameters()).device
+    model.eval()
+    idx = torch.linspace(0, len(ds) - 1, n_windows).round().long()
+    x, y, xm, _ = ds.batch(idx)
+    pred = model(x.to(device), xm.to(device)).float().cpu()
+    x, y, pred = ds.inverse_transform(x), ds.inverse_transform(y[:, -ds.horizon:]), ds.inverse_transform(pred)
+    name = ds.columns[channel]
+    fig, axes = plt.subplots(n_windows, 1, figsize=(10, 2.4 * n_windows), squeeze=False)
+    L, H = ds.lookback, ds.horizon
+    for ax, i in zip(axes[:, 0], range(n_windows)):
+        ax.plot(range(-L, 0), x[i, :, channel], color="0.5", lw=1, label="lookback")
+        ax.plot(range(H), y[i, :, channel], color="k", lw=1.2, label="truth")
+        ax.plot(range(H), pred[i, :, channel], color="tab:red", lw=1.2, label="forecast")
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.set_ylabel(name)
+        ax.set_title(f"test window {int(idx[i])}", fontsize=9, loc="left")
+    axes[0, 0].legend(loc="upper left", fontsize=8, ncol=3)
+    axes[-1, 0].set_xlabel("steps relative to the forecast origin")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

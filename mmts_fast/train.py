@@ -1,0 +1,157 @@
+"""Training and evaluation loop, Time-Series-Library style (MSE loss, early stopping on validation
+MSE, learning rate halved every epoch, metrics on scaled data, last test batch kept)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmts_fast.data import ForecastDataset
+from mmts_fast.models.base import _atomic_write
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are MoLE's published recipe (SPEC 1.1): Adam, lr 0.005 halved every epoch, batch 8,
+    up to 40 epochs, early stopping with patience 6 on validation MSE."""
+    lr: float = 0.005
+    epochs: int = 40
+    batch_size: int = 8
+    patience: int = 6
+    lr_decay: float = 0.5          # lr multiplied by this after every epoch (TSLib "type1")
+    seed: int = 2021
+    device: str = "auto"
+    eval_batch_size: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError(f"invalid training settings: {self}")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
+            generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
+    """Batches ``(x, y, x_mark, y_mark)`` as TSLib's DataLoader gives them, gathered in one step each."""
+    n = len(ds)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        yield ds.batch(order[i:i + batch_size])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: ForecastDataset, batch_size: int = 256, device=None) -> dict:
+    """MSE and MAE over every window of ``ds`` (the last partial batch included), on scaled data."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sq = ab = 0.0
+    count = 0
+    for x, y, xm, _ in iterate(ds, batch_size):
+        pred = model(x.to(device), xm.to(device)).float()
+        target = y[:, -ds.horizon:].to(device)
+        if ds.n_out_channels != pred.shape[-1]:    # "MS": all channels in, the target out
+            pred = pred[..., -ds.n_out_channels:]
+        sq += (pred - target).pow(2).sum().item()
+        ab += (pred - target).abs().sum().item()
+        count += target.numel()
+    model.train(was_training)
+    return {"mse": sq / count, "mae": ab / count}
+
+
+def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, test_ds: Optional[ForecastDataset],
+        cfg: TrainConfig, out_dir=None, log=print) -> dict:
+    """Trains with early stopping on validation MSE. The best model is kept in memory and, when
+    ``out_dir`` is given, saved there (``save_pretrained``, files written atomically) each time it
+    improves. Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
+    the best weights loaded."""
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    best = {"val_mse": math.inf, "epoch": 0, "state": None}
+    history = []
+    bad_epochs = 0
+    t0 = time.perf_counter()
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {len(train_ds)} windows, fewer than one batch of {cfg.batch_size}")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        lr = cfg.lr * cfg.lr_decay ** (epoch - 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total, te = 0.0, time.perf_counter()
+        bar = tqdm(iterate(train_ds, cfg.batch_size, shuffle=True, drop_last=True, generator=gen),
+                   total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress, mininterval=0.5)
+        for x, y, xm, _ in bar:
+            x, y, xm = x.to(device), y[:, -train_ds.horizon:].to(device), xm.to(device)
+            pred = model(x, xm)
+            if train_ds.n_out_channels != pred.shape[-1]:
+                pred = pred[..., -train_ds.n_out_channels:]
+            loss = nn.functional.mse_loss(pred.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; "
+                                         f"try a lower learning rate (now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        val = evaluate(model, val_ds, cfg.eval_batch_size, device)
+        row = {"epoch": epoch, "lr": lr, "train_mse": total / steps_per_epoch, "val_mse": val["mse"],
+               "val_mae": val["mae"], "epoch_s": time.perf_counter() - te}
+        history.append(row)
+        improved = val["mse"] < best["val_mse"]
+        if improved:
+            best = {"val_mse": val["mse"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            bad_epochs = 0
+            if out_dir is not None and hasattr(model, "save_pretrained"):
+                model.save_pretrained(out_dir)
+        else:
+            bad_epochs += 1
+        log(f"epoch {epoch:3d}  lr {lr:.2e}  train {row['train_mse']:.4f}  val {val['mse']:.4f}"
+            f"{'  *' if improved else ''}  ({row['epoch_s']:.1f}s)")
+        if bad_epochs >= cfg.patience:
+            log(f"early stopping: no validation improvement for {cfg.patience} epochs")
+            break
+    model.load_state_dict(best["state"])
+    metrics = {"best_epoch": best["epoch"], "epochs_run": len(history), "train_time_s": time.perf_counter() - t0,
+               "val": evaluate(model, val_ds, cfg.eval_batch_size, device),
+               "train_config": asdict(cfg), "history": history}
+    if test_ds is not None:
+        metrics["test"] = evaluate(model, test_ds, cfg.eval_batch_size, device)
+    if out_dir is not None:
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(obj, indent=2)))

@@ -1,0 +1,51 @@
+"""Smoke test of the K1 benchmark script and its renderer: a tiny shape, in-process, no timing checks."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_tiny_and_render(tmp_path, capsys):
+    bench, render = _load("bench_expert_heads"), _load("render")
+    out = tmp_path / "results" / "eh.jsonl"
+    impls = ["k1", "reference", "per_expert_loop"]     # compiled_reference skipped: compile is slow
+    args = ["--shapes", "tiny", "--impls", ",".join(impls), "--out", str(out),
+            "--device", "cpu", "--dtype", "float32"]
+    rows = bench.main(args)
+
+    lines = [json.loads(s) for s in out.read_text().splitlines() if s.strip()]
+    assert len(lines) == len(rows) == 2 * len(impls) * 2            # 2 window sets x impls x 2 modes
+    for r in lines:
+        for k in ("bench", "impl", "backend", "mode", "device", "dtype", "B", "L", "C", "H", "M", "windows",
+                  "median_ms", "p20_ms", "p80_ms", "reps", "date", "torch", "triton", "threads"):
+            assert k in r, f"missing field {k}: {r}"
+        assert r["bench"] == "expert_heads" and "error" not in r, r
+        assert (r["B"], r["L"], r["C"], r["H"], r["M"]) == (2, 24, 3, 8, 2)
+        assert r["reps"] == 2 and r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["rel_err_vs_k1"] <= 1e-3
+    assert {r["impl"] for r in lines} == set(impls)
+    assert {r["mode"] for r in lines} == {"fwd", "fwd+bwd"}
+    assert {tuple(r["windows"]) for r in lines} == {(24, 24), (24, 12)}
+    assert {r["backend"] for r in lines if r["impl"] == "k1"} == {"torch"}   # auto on CPU: eager
+
+    # a second run appends; the renderer keeps only the latest row per key
+    bench.main(args + ["--modes", "fwd"])
+    assert len(out.read_text().splitlines()) == len(lines) + 2 * len(impls)
+    capsys.readouterr()
+    md = render.main([str(out)])
+    assert md.strip() == capsys.readouterr().out.strip()
+    table = [s for s in md.splitlines() if s.startswith("| 8 |")]
+    assert len(table) == 4                                          # (2 window sets) x (2 modes), deduplicated
+    assert "k1 vs per_expert_loop" in md and "k1 vs reference" in md
+    assert "error" not in "\n".join(table)

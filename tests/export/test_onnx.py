@@ -1,0 +1,197 @@
+"""ONNX export of the MoLE models: graph contract, ONNX Runtime parity, dynamic batch, atomic writes."""
+import logging
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from mmts_fast.export import onnx as onnx_export
+from mmts_fast.export.onnx import check_graph, export_onnx, verify_onnx
+from mmts_fast.models import (DLinearMoLE, DLinearMoLEConfig, RLinearMoLE, RLinearMoLEConfig, RMLPMoLE,
+                              RMLPMoLEConfig)
+
+L, H, C, M, F = 48, 12, 3, 3, 4
+ATOL = 1e-4
+LOGGER = "mmts_fast.export.onnx"
+
+
+def make(name):
+    torch.manual_seed(0)
+    common = dict(lookback=L, horizon=H, channels=C, n_experts=M, n_time_features=F)
+    if name == "dlinear":
+        return DLinearMoLE(DLinearMoLEConfig(**common, moving_avg=13))
+    if name == "rlinear":
+        model = RLinearMoLE(RLinearMoLEConfig(**common, windows=[48, 30, 17]))
+    else:
+        model = RMLPMoLE(RMLPMoLEConfig(**common, windows=[48, 30, 17], mlp_hidden=32))
+    with torch.no_grad():   # non-trivial RevIN affine, so that the export of it is really checked
+        model.revin.weight.uniform_(0.5, 1.5)
+        model.revin.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def batch(b, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, C, generator=g) * 3 + 1
+    return x, torch.rand(b, L, F, generator=g) - 0.5
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def export_with_log(model, path, **kwargs):
+    """export_onnx, returning the messages it logged (module-scoped fixtures cannot use caplog)."""
+    logger, records = logging.getLogger(LOGGER), _Records()
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    try:
+        export_onnx(model, path, **kwargs)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    return "\n".join(records.messages)
+
+
+@pytest.fixture(scope="module", params=["dlinear", "rlinear", "rmlp"])
+def exported(request, tmp_path_factory):
+    model = make(request.param).train()           # export must not depend on (or change) the mode
+    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    log = export_with_log(model, path)
+    # The fallback would hide a dynamo failure: these models must go through dynamo. (It also shows
+    # that check_inputs' data-dependent finiteness test is skipped under torch.export.)
+    assert "with the dynamo exporter" in log and "falling back" not in log, log
+    return model, path
+
+
+def test_graph_contract(exported):
+    model, path = exported
+    assert model.training, "export_onnx must restore the training mode"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"], "single file, no temp leftovers"
+    proto = check_graph(path)
+    graph = proto.graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.output]}
+    assert [i.name for i in graph.input] == ["x_enc", "x_mark_enc"]
+    assert [o.name for o in graph.output] == ["y"]
+    batch_dim = shapes["x_enc"][0]
+    assert isinstance(batch_dim, str) and batch_dim, "batch axis must be symbolic"
+    assert shapes == {"x_enc": [batch_dim, L, C], "x_mark_enc": [batch_dim, L, F], "y": [batch_dim, H, C]}
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    assert not proto.functions
+    assert all(init.data_location != onnx.TensorProto.EXTERNAL for init in graph.initializer)
+
+
+@pytest.mark.parametrize("b", [2, 5])
+def test_onnxruntime_matches_pytorch(exported, b):
+    model, path = exported
+    x, xm = batch(b, seed=b)
+    err = verify_onnx(model, path, x, xm, atol=ATOL)
+    assert err <= ATOL
+    assert model.training
+
+
+def test_verify_catches_mismatch(exported):
+    model, path = exported
+    changed = make(type(model).model_type.split("_")[0])
+    with torch.no_grad():
+        changed.heads.bias.add_(0.1)
+    with pytest.raises(AssertionError, match="differs from PyTorch"):
+        verify_onnx(changed, path, *batch(2))
+
+
+def test_verify_rejects_custom_ops(exported, tmp_path):
+    _, path = exported
+    proto = onnx.load(str(path))
+    node = proto.graph.node[0]
+    node.domain = "mmts_fast"
+    proto.opset_import.append(onnx.helper.make_opsetid("mmts_fast", 1))
+    bad = tmp_path / "custom.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ValueError, match="non-standard ONNX ops.*mmts_fast::"):
+        check_graph(bad)
+
+
+def test_fallback_to_torchscript(tmp_path, monkeypatch, caplog):
+    real_export = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = make("rmlp")
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert "simulated dynamo failure" in caplog.text and "with the torchscript exporter" in caplog.text
+    for b in (2, 5):
+        assert verify_onnx(model, path, *batch(b)) <= ATOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def broken(model, args, f, **kwargs):
+        with open(f, "wb") as fh:     # a half-written file, then the failure
+            fh.write(b"\x08partial")
+        raise RuntimeError("simulated export failure")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    model = make("rlinear").train()
+    with pytest.raises(RuntimeError, match="simulated export failure"):
+        export_onnx(model, tmp_path / "new.onnx")
+    assert list(tmp_path.iterdir()) == []
+    assert model.training
+
+    existing = tmp_path / "model.onnx"
+    existing.write_bytes(b"previous model")
+    with pytest.raises(RuntimeError, match="simulated export failure"):
+        export_onnx(model, existing)
+    assert existing.read_bytes() == b"previous model"
+    assert list(tmp_path.iterdir()) == [existing]
+
+
+def test_restores_device_dtype_and_mode():
+    model = make("rmlp").double().train()
+    params = dict(model.named_parameters())
+    with onnx_export._reference_mode(model):
+        assert not model.training
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert model.training
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(params[n] is p for n, p in model.named_parameters()), "same Parameter objects (optimisers)"
+
+
+class _WithText(nn.Module):
+    """A forecaster with an extra keyword input, as the text-conditioned models will have."""
+
+    def __init__(self, d_text=8):
+        super().__init__()
+        self.base = make("rlinear")
+        self.config = self.base.config
+        self.proj = nn.Linear(d_text, H * C)
+
+    def forward(self, x_enc, x_mark_enc=None, text_emb=None):
+        y = self.base(x_enc, x_mark_enc)
+        return y + self.proj(text_emb).view(-1, H, C)
+
+
+def test_extra_inputs(tmp_path):
+    model = _WithText()
+    path = tmp_path / "m.onnx"
+    log = export_with_log(model, path, extra_inputs={"text_emb": torch.randn(2, 8)})
+    assert "with the dynamo exporter" in log, log
+    graph = check_graph(path).graph
+    assert [i.name for i in graph.input] == ["x_enc", "x_mark_enc", "text_emb"]
+    for b in (2, 5):
+        emb = torch.randn(b, 8)
+        assert verify_onnx(model, path, *batch(b), extra_inputs={"text_emb": emb}) <= ATOL
+    with pytest.raises(ValueError, match="takes inputs"):
+        verify_onnx(model, path, *batch(2))
