@@ -74,8 +74,8 @@ class ForecastModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> "ForecastModel":
-        """Loads a model saved by ``save_pretrained``; on the base class the right subclass is
-        picked from ``config.json``'s ``model_type``."""
+        """Loads a model saved by ``save_pretrained``, in eval mode; on the base class the right
+        subclass is picked from ``config.json``'s ``model_type``."""
         from safetensors.torch import load_file
 
         from mmts_fast.models import get_model_class
@@ -89,7 +89,7 @@ class ForecastModel(nn.Module):
             raise ValueError(f"{directory} holds a {klass.__name__}, not a {cls.__name__}")
         model = klass(klass.config_class(**cfg))
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
-        return model
+        return model.eval()   # as in Hugging Face: loaded for inference; call .train() to fine-tune
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

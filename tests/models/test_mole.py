@@ -1,0 +1,139 @@
+"""MoLE family: shapes, gradients, the single-head special cases, head dropout, persistence, errors."""
+import pytest
+import torch
+
+from mmts_fast import use_backend
+from mmts_fast.models import (DLinearMoLE, DLinearMoLEConfig, ForecastModel, RLinearMoLE, RLinearMoLEConfig,
+                              RMLPMoLE, RMLPMoLEConfig, get_model_class)
+from mmts_fast.nn import head_dropout
+
+CASES = [(DLinearMoLE, DLinearMoLEConfig, {}), (RLinearMoLE, RLinearMoLEConfig, {"windows": [29, 20, 16]}),
+         (RMLPMoLE, RMLPMoLEConfig, {"mlp_hidden": 24})]
+
+
+def batch(B=4, L=29, C=3, F=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, C, generator=g) * 2 + 1, torch.rand(B, L, F, generator=g) - 0.5
+
+
+@pytest.mark.parametrize("cls, cfg_cls, extra", CASES)
+def test_forward_backward_shapes(cls, cfg_cls, extra):
+    torch.manual_seed(0)
+    model = cls(cfg_cls(lookback=29, horizon=11, channels=3, n_experts=3, head_dropout=0.3, **extra))
+    x, xm = batch()
+    y = model(x, xm, None, None)          # TSLib positional signature
+    assert y.shape == (4, 11, 3)
+    y.pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.router.net[0].weight.grad.abs().sum() > 0   # the router learns
+
+
+@pytest.mark.parametrize("cls, cfg_cls, extra", CASES)
+def test_triton_backend_matches_torch(cls, cfg_cls, extra):
+    """The models run on K1: the Triton kernels (interpreter on CPU) give the reference's output and grads."""
+    torch.manual_seed(1)
+    model = cls(cfg_cls(lookback=29, horizon=11, channels=3, n_experts=3, **extra)).eval()
+    x, xm = batch()
+    outs, grads = [], []
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        with use_backend(backend):
+            y = model(x, xm)
+        y.sum().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-3)
+
+
+def test_single_head_is_rlinear():
+    """n_experts=1: RevIN -> Linear(L, H) -> RevIN^-1, per channel (RLinear)."""
+    torch.manual_seed(2)
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=1, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.revin.weight.uniform_(0.5, 1.5)
+        model.revin.bias.uniform_(-0.5, 0.5)
+    x, _ = batch()
+    mean = x.mean(1, keepdim=True)
+    std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
+    xn = (x - mean) / std * model.revin.weight + model.revin.bias
+    lin = torch.einsum("hl,blc->bhc", model.heads.weight[0], xn) + model.heads.bias[0][:, None]
+    want = (lin - model.revin.bias) / (model.revin.weight + 1e-10) * std + mean
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)   # no time features needed for M=1
+
+
+def test_single_head_is_dlinear():
+    torch.manual_seed(3)
+    model = DLinearMoLE(DLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=1)).eval()
+    x, _ = batch()
+    pad = torch.cat([x[:, :1].repeat(1, 12, 1), x, x[:, -1:].repeat(1, 12, 1)], 1)
+    trend = torch.stack([pad[:, i:i + 25].mean(1) for i in range(29)], 1)
+    seasonal = x - trend
+    W, b = model.heads.weight[0], model.heads.bias[0]
+    want = (torch.einsum("hl,blc->bhc", W[:, :29], seasonal) + torch.einsum("hl,blc->bhc", W[:, 29:], trend)
+            + b[:, None])
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_and_unfused_revin_paths_agree():
+    """Eval runs RevIN inside K1; training with dropout runs it outside. Same function."""
+    torch.manual_seed(4)
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=3, dropout=0.5))
+    with torch.no_grad():
+        model.revin.weight.uniform_(0.5, 1.5)
+        model.revin.bias.uniform_(-0.5, 0.5)
+    x, xm = batch()
+    model.train()
+    model.dropout.p = 1e-12            # unfused path (training with dropout), dropout practically off
+    a = model(x, xm)
+    model.eval()                       # fused path
+    torch.testing.assert_close(a, model(x, xm), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_head_dropout_never_nan(dtype):
+    logits = (torch.randn(64, 3, 4) * 50).to(dtype)
+    for p in (0.5, 0.99, 1.0 - 1e-9):
+        w = torch.softmax(head_dropout(logits, p, training=True).float(), -1)
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(64, 3))
+    # every expert dropped: a uniform mixture
+    all_dropped = logits.masked_fill(torch.ones_like(logits, dtype=torch.bool), torch.finfo(dtype).min)
+    torch.testing.assert_close(torch.softmax(all_dropped.float(), -1), torch.full((64, 3, 4), 0.25))
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=4,
+                                          head_dropout=0.99)).to(dtype).train()
+    x, xm = batch()
+    assert torch.isfinite(model(x.to(dtype), xm.to(dtype)).float()).all()
+
+
+@pytest.mark.parametrize("cls, cfg_cls, extra", CASES)
+def test_save_and_load(tmp_path, cls, cfg_cls, extra):
+    model = cls(cfg_cls(lookback=29, horizon=11, channels=3, n_experts=3, **extra)).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ForecastModel.from_pretrained(tmp_path)
+    assert type(loaded) is cls and loaded.config == model.config
+    x, xm = batch()
+    torch.testing.assert_close(loaded(x, xm), model(x, xm))
+    assert type(cls.from_pretrained(tmp_path)) is cls
+
+
+def test_bad_inputs():
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=3))
+    x, xm = batch()
+    with pytest.raises(ValueError, match="lookback 28"):
+        model(x[:, 1:], xm[:, 1:])
+    with pytest.raises(ValueError, match="4 channels"):
+        model(torch.randn(4, 29, 4), xm)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(x.index_fill(1, torch.tensor([3]), float("nan")), xm)
+    with pytest.raises(ValueError, match="pass x_mark_enc"):
+        model(x)
+    with pytest.raises(ValueError, match="time features"):
+        model(x, xm[..., :3])
+    with pytest.raises(ValueError, match="longer than the lookback"):
+        RLinearMoLEConfig(lookback=29, n_experts=2, windows=[29, 40])
+    with pytest.raises(ValueError, match="unknown model 'patchtst'; known models: dlinear_mole"):
+        get_model_class("patchtst")
+    assert get_model_class("RLinear-MoLE") is RLinearMoLE
