@@ -18,7 +18,8 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     model.eval()
     idx = torch.linspace(0, len(ds) - 1, n_windows).round().long()
     x, y, xm, _ = ds.batch(idx)
-    pred = model(x.to(device), xm.to(device)).float().cpu()
+    kw = {k: v.to(device) for k, v in ds.extras(idx).items()} if hasattr(ds, "extras") else {}
+    pred = model(x.to(device), xm.to(device), **kw).float().cpu()
     x, y, pred = ds.inverse_transform(x), ds.inverse_transform(y[:, -ds.horizon:]), ds.inverse_transform(pred)
     name = ds.columns[channel]
     fig, axes = plt.subplots(n_windows, 1, figsize=(10, 2.4 * n_windows), squeeze=False)

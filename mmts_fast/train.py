@@ -51,13 +51,19 @@ def seed_everything(seed: int) -> None:
 
 
 def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
-            generator: Optional[torch.Generator] = None) -> Iterator[tuple]:
-    """Batches ``(x, y, x_mark, y_mark)`` as TSLib's DataLoader gives them, gathered in one step each."""
+            generator: Optional[torch.Generator] = None, device=None) -> Iterator[tuple]:
+    """Batches ``(x, y, x_mark, y_mark, extras)`` as TSLib's DataLoader gives them, gathered in one
+    step each and moved to ``device``. ``extras`` is a dict of keyword inputs for the model (text
+    embeddings, ...) from ``ds.extras(indices)`` when the dataset has it, else empty."""
     n = len(ds)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
+    extras = getattr(ds, "extras", None)
     for i in range(0, stop, batch_size):
-        yield ds.batch(order[i:i + batch_size])
+        idx = order[i:i + batch_size]
+        x, y, xm, ym = (t.to(device) for t in ds.batch(idx))
+        kw = {k: v.to(device) for k, v in extras(idx).items()} if extras is not None else {}
+        yield x, y, xm, ym, kw
 
 
 @torch.no_grad()
@@ -68,9 +74,9 @@ def evaluate(model: nn.Module, ds: ForecastDataset, batch_size: int = 256, devic
     model.eval()
     sq = ab = 0.0
     count = 0
-    for x, y, xm, _ in iterate(ds, batch_size):
-        pred = model(x.to(device), xm.to(device)).float()
-        target = y[:, -ds.horizon:].to(device)
+    for x, y, xm, _, kw in iterate(ds, batch_size, device=device):
+        pred = model(x, xm, **kw).float()
+        target = y[:, -ds.horizon:]
         if ds.n_out_channels != pred.shape[-1]:    # "MS": all channels in, the target out
             pred = pred[..., -ds.n_out_channels:]
         sq += (pred - target).pow(2).sum().item()
@@ -109,12 +115,12 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
         for group in opt.param_groups:
             group["lr"] = lr
         total, te = 0.0, time.perf_counter()
-        bar = tqdm(iterate(train_ds, cfg.batch_size, shuffle=True, drop_last=True, generator=gen),
+        bar = tqdm(iterate(train_ds, cfg.batch_size, shuffle=True, drop_last=True, generator=gen, device=device),
                    total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress, mininterval=0.5)
-        for x, y, xm, _ in bar:
-            x, y, xm = x.to(device), y[:, -train_ds.horizon:].to(device), xm.to(device)
-            pred = model(x, xm)
+        for x, y, xm, _, kw in bar:
+            y = y[:, -train_ds.horizon:]
+            pred = model(x, xm, **kw)
             if train_ds.n_out_channels != pred.shape[-1]:
                 pred = pred[..., -train_ds.n_out_channels:]
             loss = nn.functional.mse_loss(pred.float(), y)

@@ -1,0 +1,139 @@
+"""LeMoLE: LLM-enhanced mixture of linear experts (ICLR 2025 submission; builds on MoLE,
+arXiv 2312.06786). SPEC section 1.2.
+
+- Experts over different lookback windows ``Y_m = W_m X[L-w_m:L] + b_m`` (K1 with per-expert outputs),
+  after RevIN (affine) and dropout.
+- ``Y = CNN([Y_1; ...; Y_M])``: two ``Conv1d(kernel 3, padding 1)`` over the horizon, M*C -> C -> C.
+- Static prompt embedding ``Z_S`` [d_llm] (dataset description through a frozen LLM) and dynamic
+  prompt embeddings ``Z_D`` [L, d_llm] (one per lookback step, AutoTimes-style timestamp text),
+  both precomputed and cached (training never runs the LLM).
+- FiLM: ``Y'_S = gamma_S Y + beta_S`` with ``[gamma_S, beta_S] = Linear(d_llm -> 2*H*C)(Z_S)``;
+  ``Y'_D = gamma_D Y + beta_D`` with ``[gamma_D, beta_D] = Linear(L -> H)`` over ``Linear(d_llm -> 2C)(Z_D)``.
+  Gammas are parameterised as ``1 + Linear(...)`` so the FiLM starts as the identity (our choice).
+- Output: ``"paper"``: ``CNN_final([Y; Y'_S; Y'_D])``; ``"code"`` (public code): ``CNN_final([Y'_D; Y'_S]) + Y``.
+  The public code's scrambled stacking of expert outputs is not copied: experts stack expert-major.
+
+The FiLM here acts on the CNN's output, not on K1's gated mix, so it cannot live in K1's epilogue;
+RevIN is fused into K1 whenever input dropout is inactive (eval).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mmts_fast.models.base import ForecastModel
+from mmts_fast.nn import MultiExpertHeads, RevIN
+
+PUBLIC_WINDOWS_512 = (512, 336, 192, 96, 96)
+
+
+def default_windows(lookback: int, n_experts: int) -> list[int]:
+    """The public code's windows for L=512, [512, 336, 192, 96, 96][:M], scaled to other lookbacks."""
+    base = list(PUBLIC_WINDOWS_512) + [96] * max(0, n_experts - len(PUBLIC_WINDOWS_512))
+    return [max(1, min(lookback, round(w * lookback / 512))) for w in base[:n_experts]]
+
+
+@dataclass
+class LeMoLEConfig:
+    lookback: int = 512
+    horizon: int = 96
+    channels: int = 7
+    n_experts: int = 4
+    windows: Optional[list] = None          # default: default_windows(lookback, n_experts)
+    d_llm: int = 384                         # width of the text embeddings (384: MiniLM, 576: SmolLM2)
+    dropout: float = 0.1
+    use_static: bool = True                  # False: no static-prompt FiLM (text ablation)
+    use_dynamic: bool = True                 # False: no dynamic-prompt FiLM (text ablation)
+    output_form: str = "paper"               # "paper" | "code"
+    n_time_features: int = 4                 # accepted for TSLib compatibility; LeMoLE does not route on it
+
+    def __post_init__(self):
+        for name in ("lookback", "horizon", "channels", "n_experts", "d_llm"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"LeMoLEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.output_form not in ("paper", "code"):
+            raise ValueError(f"output_form must be 'paper' or 'code', got {self.output_form!r}")
+        if self.windows is None:
+            self.windows = default_windows(self.lookback, self.n_experts)
+        self.windows = [int(w) for w in self.windows]
+        if len(self.windows) != self.n_experts:
+            raise ValueError(f"{len(self.windows)} windows for {self.n_experts} experts")
+        bad = [w for w in self.windows if not 1 <= w <= self.lookback]
+        if bad:
+            raise ValueError(f"expert windows {bad} are longer than the lookback {self.lookback}")
+
+
+def _conv_stack(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1), nn.Conv1d(c_out, c_out, 3, padding=1))
+
+
+class LeMoLE(ForecastModel):
+    """LeMoLE. ``forward(x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None, *,
+    static_emb=None, dynamic_emb=None) -> [B, H, C]`` with ``static_emb`` ``[d_llm]`` or
+    ``[B, d_llm]`` and ``dynamic_emb`` ``[B, L, d_llm]`` (required when the branch is enabled)."""
+    model_type: ClassVar[str] = "lemole"
+    config_class: ClassVar[type] = LeMoLEConfig
+    extra_inputs: ClassVar[tuple] = ("static_emb", "dynamic_emb")
+
+    def __init__(self, config: LeMoLEConfig):
+        super().__init__(config)
+        L, H, C, M, d = config.lookback, config.horizon, config.channels, config.n_experts, config.d_llm
+        self.revin = RevIN(C)
+        self.dropout = nn.Dropout(config.dropout)
+        self.heads = MultiExpertHeads(L, H, M, config.windows)
+        self.cnn = _conv_stack(M * C, C)
+        n_branches = 1
+        if config.use_static:
+            self.static_film = nn.Linear(d, 2 * H * C)
+            n_branches += 1
+        if config.use_dynamic:
+            self.dynamic_proj = nn.Linear(d, 2 * C)
+            self.dynamic_time = nn.Linear(L, H)
+            n_branches += 1
+        if config.output_form == "code":
+            n_branches -= 1
+        self.cnn_final = _conv_stack(n_branches * C, C) if n_branches else None
+        for lin in (getattr(self, "static_film", None), getattr(self, "dynamic_time", None)):
+            if lin is not None:   # start near the identity FiLM
+                nn.init.normal_(lin.weight, std=0.01)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None, *,
+                static_emb: Optional[Tensor] = None, dynamic_emb: Optional[Tensor] = None):
+        cfg = self.config
+        self.check_inputs(x_enc, x_mark_enc)
+        B, L, C = x_enc.shape
+        H, M = cfg.horizon, cfg.n_experts
+        gates = x_enc.new_ones(B, M)           # LeMoLE mixes with the CNN, not with gates
+        if self.training and self.dropout.p > 0:
+            stats = self.revin.stats(x_enc)
+            _, e = self.heads(self.dropout(self.revin.norm(x_enc, stats)), gates, return_experts=True)
+        else:                                  # RevIN fused into K1; e is in normalised space
+            stats = self.revin.stats(x_enc)
+            _, e = self.heads(x_enc, gates, return_experts=True, revin=True, revin_weight=self.revin.weight,
+                              revin_bias=self.revin.bias, eps=self.revin.eps)
+        y = self.cnn(e.permute(0, 1, 3, 2).reshape(B, M * C, H))           # [B, C, H], experts stacked expert-major
+        film_s = film_d = None
+        if cfg.use_dynamic:
+            if dynamic_emb is None or dynamic_emb.shape != (B, L, cfg.d_llm):
+                raise ValueError(f"LeMoLE needs dynamic_emb [B, L, d_llm]=({B}, {L}, {cfg.d_llm}), got "
+                                 f"{None if dynamic_emb is None else tuple(dynamic_emb.shape)}; "
+                                 f"or build it with use_dynamic=False")
+            gb = self.dynamic_time(self.dynamic_proj(dynamic_emb.to(y.dtype)).transpose(1, 2))  # [B, 2C, H]
+            film_d = (1 + gb[:, :C]) * y + gb[:, C:]
+        if cfg.use_static:
+            if static_emb is None or static_emb.shape[-1] != cfg.d_llm:
+                raise ValueError(f"LeMoLE needs static_emb [d_llm] or [B, d_llm] with d_llm={cfg.d_llm}, got "
+                                 f"{None if static_emb is None else tuple(static_emb.shape)}; "
+                                 f"or build it with use_static=False")
+            gb = self.static_film(static_emb.to(y.dtype)).view(-1, 2 * C, H)                   # [B or 1, 2C, H]
+            film_s = ((1 + gb[:, :C]) * y + gb[:, C:]).expand(B, C, H)
+        if cfg.output_form == "paper":         # CNN_final([Y; Y'_S; Y'_D])
+            out = self.cnn_final(torch.cat([t for t in (y, film_s, film_d) if t is not None], dim=1))
+        else:                                  # public code: CNN_final([Y'_D; Y'_S]) + Y
+            branches = [t for t in (film_d, film_s) if t is not None]
+            out = self.cnn_final(torch.cat(branches, dim=1)) + y if branches else y
+        return self.revin.denorm(out.transpose(1, 2), stats)
