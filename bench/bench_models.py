@@ -1,0 +1,128 @@
+"""Model-level benchmarks (issue: text conditioning).
+
+    python bench/bench_models.py [--device cpu|cuda] [--out bench/results/models_<device>.jsonl] [--quick]
+
+- ``train_step``: one optimiser step (forward, MSE backward, Adam) of RLinearMoLE and LeMoLE at the
+  same shapes, LeMoLE fed precomputed (cached) text embeddings, so the ratio is the cost of the text
+  branches alone (the LLM never runs per batch).
+- ``mome_throughput``: MoME inference samples/s, batched vs one sample at a time (the public code's
+  batch-size-1 limitation).
+Rows are JSON lines with device, shapes and medians, also printed as they are measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def timeit(fn, device: str, reps: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def train_step_rows(device, B, L, H, C, d_llm, reps):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, C, generator=g).to(device)
+    xm = (torch.rand(B, L, 4, generator=g) - 0.5).to(device)
+    y = torch.randn(B, H, C, generator=g).to(device)
+    emb = {"static_emb": torch.randn(d_llm, generator=g).to(device),
+           "dynamic_emb": torch.randn(B, L, d_llm, generator=g).to(device)}
+    models = {
+        "rlinear_mole": (RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=4)), {}),
+        "lemole": (LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), emb),
+        "lemole_no_text": (LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, use_static=False,
+                                               use_dynamic=False)), {}),
+    }
+    rows = []
+    for name, (model, kw) in models.items():
+        model.to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            loss = torch.nn.functional.mse_loss(model(x, xm, **kw), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        t = timeit(step, device, reps)
+        rows.append(dict(bench="train_step", model=name, B=B, L=L, H=H, C=C, d_llm=d_llm,
+                         median_ms=statistics.median(t), reps=reps))
+    base = rows[0]["median_ms"]
+    for r in rows:
+        r["ratio_vs_rlinear_mole"] = r["median_ms"] / base
+    return rows
+
+
+@torch.no_grad()
+def mome_rows(device, B, L, H, C, d_llm, reps):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, C, generator=g).to(device)
+    th = torch.randn(B, 24, d_llm, generator=g).to(device)
+    tm = torch.ones(B, 24, dtype=torch.bool, device=device)
+    model = MoME(MoMEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)).to(device).eval()
+    batched = statistics.median(timeit(lambda: model(x, text_hidden=th, text_mask=tm), device, reps))
+    single = statistics.median(timeit(
+        lambda: [model(x[i:i + 1], text_hidden=th[i:i + 1], text_mask=tm[i:i + 1]) for i in range(B)],
+        device, max(3, reps // 4)))
+    return [dict(bench="mome_throughput", mode=m, B=B, L=L, H=H, C=C, d_llm=d_llm, median_ms=t,
+                 samples_per_s=B / t * 1e3) for m, t in (("batched", batched), ("batch_1_loop", single))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    reps = 5 if args.quick else 30
+    out = Path(args.out or f"bench/results/models_{args.device}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device_name(args.device), date=datetime.date.today().isoformat(), torch=torch.__version__)
+    shapes = [(8, 512, 96, 7, 384), (32, 512, 96, 7, 384)] if not args.quick else [(8, 96, 24, 7, 384)]
+    rows = []
+    for B, L, H, C, d in shapes:
+        rows += train_step_rows(args.device, B, L, H, C, d, reps)
+    rows += mome_rows(args.device, 32, 512 if not args.quick else 96, 96, 7, 384, reps)
+    with out.open("a") as f:
+        for r in rows:
+            r.update(meta)
+            f.write(json.dumps(r) + "\n")
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in meta})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Tests for the Time-MMD loader (mmts_fast.data.timemmd): numeric channels, text records and the
+leakage rule (a window sees only texts that end at or before its last step)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmts_fast.data.timemmd import TimeMMDDataset, TimeMMDTexts, TextRecord, align_texts, load_timemmd
+from mmts_fast.data.tslib import ForecastDataset, load_csv
+
+SHARED = Path(__file__).resolve().parents[3] / "shared/data/Time-MMD"
+
+
+def _domain(name: str) -> Path:
+    p = SHARED / name
+    if not (p / f"{name}.csv").is_file():
+        pytest.skip(f"real data not present: {p}")
+    return p
+
+
+def assert_no_leakage(window_end: np.ndarray, text_end: np.ndarray, idx: torch.Tensor) -> None:
+    """Chosen text ends at or before the window end; the next text (if any) ends after it."""
+    idx = idx.numpy()
+    window_end = window_end.astype("datetime64[s]")
+    text_end = text_end.astype("datetime64[s]")
+    has = idx >= 0
+    assert (text_end[idx[has]] <= window_end[has]).all()
+    nxt = idx + 1
+    later = nxt < len(text_end)
+    assert (text_end[nxt[later]] > window_end[later]).all()
+
+
+def write_domain(folder: Path, name: str = "Toy", n_days: int = 60) -> Path:
+    """A daily toy domain with a non-numeric column and texts with NA parts and equal end dates."""
+    d = folder / name
+    d.mkdir()
+    start = datetime(2020, 1, 1)
+    lines = ["date,OT,label,value,start_date,end_date"]
+    for i in range(n_days):
+        day = (start + timedelta(days=i)).date()
+        lines.append(f"{day},{i},{'hi' if i % 2 else 'lo'},{i * 2},{day},{day}")
+    (d / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    report = [",start_date,end_date,fact,preds",
+              '0,2020-01-01,2020-01-10,"fact A","pred A;more"',
+              '1,2020-01-05,2020-01-10,NA,"NA;NA"',  # nothing left: skipped
+              '2,2020-01-08,2020-01-20,"fact B",NA']
+    search = [",start_date,end_date,fact,preds",
+              '0,2020-01-09,2020-01-10,"fact C","NA;pred C"',  # same end date as A, later in order
+              '1,2020-01-21,2020-01-21,,"pred D"']
+    (d / f"{name}_report.csv").write_text("\n".join(report) + "\n")
+    (d / f"{name}_search.csv").write_text("\n".join(search) + "\n")
+    return d
+
+
+def test_toy_domain_texts_and_columns(tmp_path):
+    table, texts = load_timemmd(write_domain(tmp_path))
+    assert table.columns == ["value", "OT"] and table.dropped_columns == ["label"]
+    assert [r.text for r in texts] == ["fact A pred A;more", "fact C pred C", "fact B", "pred D"]
+    assert [r.source for r in texts] == ["report", "search", "report", "search"]
+    assert texts.end_dates.tolist() == sorted(texts.end_dates.tolist())
+    # the numerical csv path works as well as the folder
+    table2, texts2 = load_timemmd(tmp_path / "Toy" / "Toy.csv")
+    assert np.array_equal(table2.values, table.values) and texts2.texts == texts.texts
+
+
+def test_align_equal_dates_at_the_boundary():
+    text_end = [datetime(2020, 1, 10), datetime(2020, 1, 10), datetime(2020, 1, 20)]
+    windows = [datetime(2020, 1, 9), datetime(2020, 1, 10), datetime(2020, 1, 10, 0, 0, 1),
+               datetime(2020, 1, 19, 23, 59, 59), datetime(2020, 1, 20), datetime(2021, 1, 1)]
+    idx = align_texts(windows, text_end)
+    assert idx.dtype == torch.long and idx.tolist() == [-1, 1, 1, 1, 2, 2]  # equal date: included, latest
+    assert_no_leakage(np.array(windows, dtype="datetime64[s]"), np.array(text_end, dtype="datetime64[s]"), idx)
+    assert align_texts(windows, []).tolist() == [-1] * 6
+    with pytest.raises(ValueError, match="sorted"):
+        align_texts(windows, text_end[::-1])
+
+
+def test_toy_dataset_leakage_and_batch(tmp_path):
+    table, texts = load_timemmd(write_domain(tmp_path))
+    for split in ("train", "val", "test"):
+        ds = TimeMMDDataset((table, texts), split, lookback=6, horizon=2)
+        rows = ds.series.start + 5 + np.arange(len(ds))
+        assert np.array_equal(ds.window_end_dates, np.array(table.dates, dtype="datetime64[s]")[rows])
+        assert_no_leakage(ds.window_end_dates, texts.end_dates, ds.text_idx)
+    ds = TimeMMDDataset((table, texts), "train", lookback=6, horizon=2)
+    # window 3 ends on 2020-01-09 (no text yet); window 4 ends on 2020-01-10 (A and C end then: C)
+    assert ds.text_idx[3].item() == -1 and ds.text_of(3) is None
+    assert ds.text_of(4).text == "fact C pred C"
+
+
+def test_energy_leakage_every_window():
+    table, texts = load_timemmd(_domain("Energy"))
+    assert table.columns[-1] == "OT" and table.values.shape == (1622, 9)
+    assert {r.source for r in texts} == {"report", "search"} and len(texts) > 2000
+    assert all(r.text.strip() for r in texts)
+    stats = None
+    for split in ("train", "val", "test"):
+        ds = TimeMMDDataset((table, texts), split, lookback=36, horizon=12, stats=stats)
+        stats = stats or (ds.mean, ds.std)
+        assert_no_leakage(ds.window_end_dates, texts.end_dates, ds.text_idx)
+        ref = ForecastDataset(table, split, lookback=36, horizon=12, borders="custom", stats=stats)
+        assert len(ds) == len(ref)
+        x, y, xm, ym, k = ds[len(ds) - 1]
+        for a, b in zip((x, y, xm, ym), ref[len(ref) - 1]):
+            assert torch.equal(a, b)
+        idx = torch.tensor([0, 7, len(ds) - 1])
+        bx, by, bxm, bym, bk = ds.batch(idx)
+        assert bx.shape == (3, 36, 9) and by.shape == (3, 12, 9) and bk.tolist() == ds.text_idx[idx].tolist()
+        assert torch.equal(bx[2], x) and bk[2] == k
+        # explicit check on the last window against the dates themselves
+        last_date = table.dates[ds.series.start + 35 + len(ds) - 1]
+        assert texts[int(k)].end_date <= last_date
+
+
+def test_health_us_drops_non_numeric_columns():
+    path = _domain("Health_US")
+    with pytest.raises(ValueError, match="non-numeric"):
+        load_csv(path / "Health_US.csv")
+    table, texts = load_timemmd(path)
+    assert {"REGION TYPE", "REGION", "YEAR_WEEK"} <= set(table.dropped_columns)
+    assert not set(table.dropped_columns) & set(table.columns)
+    assert {"start_date", "end_date", "date"}.isdisjoint(table.columns)
+    assert table.columns[-1] == "OT" and np.isfinite(table.values).all() and len(table) > 1300
+    ds = TimeMMDDataset((table, texts), "test", lookback=36, horizon=12)
+    assert ds.n_channels == len(table.columns)
+    assert_no_leakage(ds.window_end_dates, texts.end_dates, ds.text_idx)
+
+
+def test_texts_container_sorts():
+    recs = [TextRecord(datetime(2020, 1, 2), datetime(2020, 1, 5), "b", "search"),
+            TextRecord(datetime(2020, 1, 1), datetime(2020, 1, 3), "a", "report")]
+    t = TimeMMDTexts(recs)
+    assert t.texts == ["a", "b"] and len(t) == 2 and t[1].source == "search"

