@@ -19,8 +19,18 @@ with ``W [d_out, d_in]`` frozen (dense fp32 / bf16 / fp16, or NF4 in bitsandbyte
   ranked within their row ("slot" j = the row's j-th selected expert) and the expand runs once per
   slot: within a slot every row appears at most once, so tiles add into the output without atomics
   and the result is deterministic;
-* the base ``x W^T + bias`` is its own tiled kernel (NF4 tiles dequantised on load) writing the fp32
-  accumulator that the expand slots add into.
+* the base ``x W^T + bias`` is its own tiled kernel (NF4 tiles dequantised on load with the same
+  jitted helper as the standalone ``dequantize_nf4`` kernel) writing the fp32 accumulator that the
+  expand slots add into (bf16/fp16 outputs are rounded once, at the end).
+
+Backward: recompute u (shrink of x), ``w = dy B_m`` (shrink of dy), ``dgates = scale <w, u>``,
+``du = scale g w``; dx = ``dy W`` (the base kernel on the transposed weight, NF4 too) plus the expand of
+du through A; dA and dB are grouped outer products over each expert's segment of pairs.
+
+Host syncs per call (forward, and again in backward): the pair count, the slot count and the tile
+counts (like vLLM's LoRA metadata preparation). Tile sizes are fixed, not autotuned; the Triton path
+has been validated under the interpreter only (no GPU timings in this repository yet).
+NF4: only ``quant_type="nf4"`` (bitsandbytes' fp4 is rejected); blocksize any power of two bnb allows.
 
 Segment variant (MoLA, ``segments=S``): d_out is split into S contiguous segments (the
 ``torch.tensor_split`` convention: the first ``d_out % S`` segments are one longer) and the gates are
@@ -515,7 +525,8 @@ def _dequant_triton(packed: Tensor, state: list, shape: list, blocksize: int, bl
     out = _alloc(n, like=packed, dtype=_DTYPES[code])
     _nf4_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
         packed, *_nf4_args(state, packed), out, n,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=max(blocksize2, 1), NESTED=blocksize2 > 0, CODE=code, BLOCK=DEQUANT_BLOCK)
+        BLOCKSIZE=blocksize, BLOCKSIZE2=max(blocksize2, 1), NESTED=blocksize2 > 0, CODE=code, BLOCK=DEQUANT_BLOCK,
+        enable_fp_fusion=False)   # code2 * absmax2 + offset must not become an FMA: bnb rounds the product
     return out.view(shape)
 
 
@@ -541,7 +552,8 @@ def _base_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], st
         HAS_BIAS=bias is not None, NF4=nf4, NESTED=nf4 and blocksize2 > 0, BLOCKSIZE=blocksize,
         BLOCKSIZE2=max(blocksize2, 1), WCODE=wcode, PREC=_precision(x),
         UPCAST=_upcast(x),
-        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        enable_fp_fusion=not (nf4 and blocksize2 > 0))   # as in _dequant_triton: the same weights as bnb
     return out
 
 

@@ -342,11 +342,11 @@ def test_bad_inputs(backend):
             lm.lora_amr(x, w, b, A, torch.zeros(3, 24, device=DEVICE), B, g)
 
 
-def test_ops_lora_wrappers_are_lazy():
+def test_ops_wrappers_are_lazy():
     import os
     import subprocess
     import sys
-    code = ("import sys, mmts_fast.ops_lora as o; assert 'triton' not in sys.modules, 'triton imported'; "
+    code = ("import sys, mmts_fast.ops as o; assert 'triton' not in sys.modules, 'triton imported'; "
             "assert 'mmts_fast.kernels.lora_mixture' not in sys.modules; "
             "import torch; x = torch.randn(3, 8); A = torch.randn(2, 4, 8); B = torch.randn(2, 6, 4); "
             "g = torch.tensor([[1., 0.], [0., .5], [0., 0.]]); "

@@ -70,11 +70,9 @@ def test_pool_functions_left_and_right_padding():
 
 
 def test_minilm_mean_pooling_matches_hf(minilm):
-    from transformers import AutoModel, AutoTokenizer
-
     assert minilm.dim == 384 and minilm.pooling == "mean"
-    tok = AutoTokenizer.from_pretrained(minilm.path, local_files_only=True)
-    model = AutoModel.from_pretrained(minilm.path, local_files_only=True).eval()
+    assert type(minilm._model).__name__ == "BertModel"
+    tok, model = minilm._tokenizer, minilm._model
     got = minilm.encode(TEXTS, batch_size=2, progress=False)  # batches mix lengths: padding matters
     with torch.no_grad():  # one text at a time, no padding: a plain mean over its tokens
         ref = torch.stack([model(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0) for t in TEXTS])
@@ -135,6 +133,31 @@ def test_nf4_swap_of_gguf_model(smollm2):
     a, b = smollm2.encode(TEXTS, progress=False), q.encode(TEXTS, progress=False)
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.9
     assert q.model_id != smollm2.model_id and "nf4" in q.model_id
+
+
+def test_minilm_nf4_and_bf16(minilm):
+    """Safetensors folder + load_in_4bit: transformers' BitsAndBytesConfig (NF4); bf16 weights.
+    Outputs stay fp32 and close to the fp32 model's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    ref = minilm.encode(TEXTS, progress=False)
+    q = TextEncoder.from_name("minilm", load_in_4bit=True)
+    out = q.encode(TEXTS, progress=False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q._model.modules())
+    assert out.dtype == torch.float32 and torch.nn.functional.cosine_similarity(out, ref).min() > 0.9
+    b = TextEncoder.from_name("minilm", dtype=torch.bfloat16)
+    out = b.encode(TEXTS, progress=False)
+    assert b._model.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
+
+
+def test_trim_layers_of_an_encoder(minilm):
+    from mmts_fast.text.encoders import _trim_layers
+
+    model = copy.deepcopy(minilm._model)
+    _trim_layers(model, 2)
+    assert len(model.encoder.layer) == 2 and model.config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="must be in"):
+        _trim_layers(model, 3)
 
 
 def test_model_id_lazy_and_errors(tmp_path):
