@@ -16,25 +16,47 @@ from pathlib import Path
 import torch
 
 DATA_SPEC = "data.json"
+# Per-model training defaults that differ from MoLE's recipe (TrainConfig's defaults).
+MODEL_RECIPES = {"mome": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0)}
 
 
 # ------------------------------------------------------------------------------------------- data
-def build_datasets(spec: dict):
-    """Train/val/test datasets from a data spec (a CSV path, or ``None`` for the built-in synthetic data)."""
-    from mmts_fast.data import ForecastDataset, load_csv, synthetic_table
+def is_timemmd(path: Path) -> bool:
+    """A Time-MMD domain: a folder, or a CSV with a ``<stem>_report.csv`` beside it."""
+    return path.is_dir() or (path.parent / f"{path.stem}_report.csv").exists()
 
-    if spec.get("data"):
-        table = load_csv(spec["data"], target=spec["target"])
-        name = Path(spec["data"]).name
-        borders = ("ett_h" if name.startswith("ETTh") else "ett_m" if name.startswith("ETTm") else "custom")
+
+def build_datasets(spec: dict):
+    """Train/val/test datasets from a data spec (a TSLib CSV, a Time-MMD domain, or ``None`` for the
+    built-in synthetic data). For text models (``spec["text"]``), also attaches the cached text inputs.
+    Returns ``(train, val, test, d_llm or None)``."""
+    from mmts_fast.data import ForecastDataset, load_csv, synthetic_table
+    from mmts_fast.data.timemmd import TimeMMDDataset, load_timemmd
+
+    kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"], target=spec["target"])
+    texts, name = None, None
+    if spec.get("data") and is_timemmd(Path(spec["data"])):
+        table, texts = load_timemmd(spec["data"], target=spec["target"])
+        name = Path(spec["data"]).stem
+        train = TimeMMDDataset((table, texts), "train", **kw)
+        stats = (train.mean, train.std)
+        val, test = (TimeMMDDataset((table, texts), sp, stats=stats, **kw) for sp in ("val", "test"))
     else:
-        table = synthetic_table(**spec["synthetic"])
-        borders = "custom"
-    kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"],
-              target=spec["target"], borders=borders)
-    train = ForecastDataset(table, "train", **kw)
-    stats = (train.mean, train.std)
-    return train, ForecastDataset(table, "val", stats=stats, **kw), ForecastDataset(table, "test", stats=stats, **kw)
+        if spec.get("data"):
+            table = load_csv(spec["data"], target=spec["target"])
+            name = Path(spec["data"]).stem
+            kw["borders"] = "ett_h" if name.startswith("ETTh") else "ett_m" if name.startswith("ETTm") else "custom"
+        else:
+            table = synthetic_table(**spec["synthetic"])
+            kw["borders"] = "custom"
+        train = ForecastDataset(table, "train", **kw)
+        stats = (train.mean, train.std)
+        val, test = (ForecastDataset(table, sp, stats=stats, **kw) for sp in ("val", "test"))
+    d_llm = None
+    if spec.get("text"):
+        from mmts_fast.text.conditioning import attach_text
+        d_llm = attach_text(spec["model"], [train, val, test], table, texts, spec["text"], name)
+    return train, val, test, d_llm
 
 
 def _load_spec(run_dir: Path, data=None) -> dict:
@@ -56,27 +78,36 @@ def cmd_train(args) -> dict:
         klass = get_model_class(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    text_model = klass.model_type in ("lemole", "mome")
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
-            "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0},
-            "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target}
+            "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
+            "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
+            "text": None}
+    if text_model and not args.no_text:
+        spec["text"] = {"encoder": args.text_encoder, "layers": args.text_layers, "load_in_4bit": args.load_in_4bit,
+                        "static_prompt": args.static_prompt, "cache_dir": args.cache_dir, "progress": not args.quiet}
     if args.data is None:
         print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
     try:
-        train, val, test = build_datasets(spec)
-    except (ValueError, FileNotFoundError) as e:
+        train, val, test, d_llm = build_datasets(spec)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
 
     cfg_fields = {f.name for f in fields(klass.config_class)}
     options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
                    n_experts=args.experts, n_time_features=train.n_time_features,
-                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout)
+                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout, d_llm=d_llm)
+    if text_model and args.no_text:
+        options.update(use_static=False, use_dynamic=False, use_text=False)
+    recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
+    recipe.update({k: v for k, v in (("lr", args.lr), ("lr_decay", args.lr_decay)) if v is not None})
     try:
         config = klass.config_class(**{k: v for k, v in options.items() if k in cfg_fields and v is not None})
         torch.manual_seed(args.seed)
         model = klass(config)
-        tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
-                           seed=args.seed, device=args.device, progress=not args.quiet)
+        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+                           seed=args.seed, device=args.device, progress=not args.quiet, **recipe)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     out = Path(args.out)
@@ -86,7 +117,7 @@ def cmd_train(args) -> dict:
           f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
     metrics = fit(model, train, val, test, tcfg, out_dir=out)
     metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
-    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target")}
+    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target", "text")}
     write_json(out / "metrics.json", metrics)
     t = metrics["test"]
     print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (best epoch {metrics['best_epoch']}, "
@@ -104,8 +135,8 @@ def cmd_eval(args) -> dict:
     spec = _load_spec(run_dir, args.data)
     model = ForecastModel.from_pretrained(run_dir).to(resolve_device(args.device))
     try:
-        _, _, test = build_datasets(spec)
-    except (ValueError, FileNotFoundError) as e:
+        _, _, test, _ = build_datasets(spec)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     if test.n_channels != model.config.channels:
         raise SystemExit(f"error: the data has {test.n_channels} channels but the model was trained on "
@@ -126,14 +157,19 @@ def cmd_export(args) -> float:
     run_dir = Path(args.run_dir)
     model = ForecastModel.from_pretrained(run_dir)
     out = Path(args.out) if args.out else run_dir / "model.onnx"
-    export_onnx(model, out)
-    try:   # check on real test windows when the data is at hand, else on random inputs
-        _, _, test = build_datasets(_load_spec(run_dir))
-        x, _, xm, _ = test.batch(torch.arange(min(len(test), 16)))
-    except (SystemExit, ValueError, FileNotFoundError):
+    try:   # check on real test windows (and their cached text inputs) when the data is at hand
+        _, _, test, _ = build_datasets(_load_spec(run_dir))
+        idx = torch.arange(min(len(test), 16))
+        x, _, xm, _ = test.batch(idx)[:4]
+        extra = test.extras(idx) if hasattr(test, "extras") else {}
+    except (SystemExit, ValueError, FileNotFoundError, ImportError) as e:
+        if getattr(model, "extra_inputs", ()):
+            raise SystemExit(f"error: exporting {type(model).__name__} needs its data and text cache: {e}")
         cfg = model.config
         x, xm = torch.randn(16, cfg.lookback, cfg.channels), torch.rand(16, cfg.lookback, cfg.n_time_features) - 0.5
-    err = verify_onnx(model, out, x, xm, atol=args.atol)
+        extra = {}
+    export_onnx(model, out, extra_inputs={k: v[:2] for k, v in extra.items()} or None)
+    err = verify_onnx(model, out, x, xm, atol=args.atol, extra_inputs=extra or None)
     print(f"exported {out}; ONNX Runtime vs PyTorch max abs error {err:.2e} (batch {x.shape[0]}, tolerance {args.atol:g})")
     return err
 
@@ -146,15 +182,17 @@ def cmd_run(args):
 
 # ----------------------------------------------------------------------------------------- parser
 def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
-    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole")
-    p.add_argument("--data", default=None, help="TSLib CSV (date column + channels); built-in data if omitted")
+    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome")
+    p.add_argument("--data", default=None, help="TSLib CSV (date column + channels) or a Time-MMD domain "
+                   "folder/CSV; built-in data if omitted")
     p.add_argument("--lookback", type=int, default=336)
     p.add_argument("--horizon", type=int, default=96)
     p.add_argument("--experts", type=int, default=4, help="number of linear experts (1 = DLinear/RLinear)")
     p.add_argument("--windows", type=int, nargs="+", default=None, help="per-expert lookback windows")
     p.add_argument("--head-dropout", type=float, default=0.2)
     p.add_argument("--dropout", type=float, default=None, help="input dropout (RLinear/RMLP; default 0.1)")
-    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (MoLE recipe: 0.005; MoME: 1e-3)")
+    p.add_argument("--lr-decay", type=float, default=None, help="lr factor per epoch (default 0.5)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--patience", type=int, default=6)
@@ -163,6 +201,14 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--target", default="OT")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("text (lemole, mome)")
+    g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
+    g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")
+    g.add_argument("--load-in-4bit", action="store_true", help="NF4 text encoder (bitsandbytes)")
+    g.add_argument("--static-prompt", default=None, help="dataset description: text, a .txt file or a data set name")
+    g.add_argument("--cache-dir", default=None, help="embedding cache (default $MMTS_FAST_CACHE or "
+                   "~/.cache/mmts_fast/embeddings)")
+    g.add_argument("--no-text", action="store_true", help="ablation: the same model without its text inputs")
     p.add_argument("--out", required=out_required, default=None, help="run directory")
 
 

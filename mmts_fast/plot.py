@@ -17,7 +17,7 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     device = next(model.parameters()).device
     model.eval()
     idx = torch.linspace(0, len(ds) - 1, n_windows).round().long()
-    x, y, xm, _ = ds.batch(idx)
+    x, y, xm, _ = ds.batch(idx)[:4]
     kw = {k: v.to(device) for k, v in ds.extras(idx).items()} if hasattr(ds, "extras") else {}
     pred = model(x.to(device), xm.to(device), **kw).float().cpu()
     x, y, pred = ds.inverse_transform(x), ds.inverse_transform(y[:, -ds.horizon:]), ds.inverse_transform(pred)

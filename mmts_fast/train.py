@@ -28,6 +28,8 @@ class TrainConfig:
     batch_size: int = 8
     patience: int = 6
     lr_decay: float = 0.5          # lr multiplied by this after every epoch (TSLib "type1")
+    optimizer: str = "adam"        # "adam" | "adamw"
+    grad_clip: Optional[float] = None   # max gradient norm (MoME's recipe: 1.0)
     seed: int = 2021
     device: str = "auto"
     eval_batch_size: int = 256
@@ -36,6 +38,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"invalid training settings: {self}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -61,7 +65,7 @@ def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop
     extras = getattr(ds, "extras", None)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        x, y, xm, ym = (t.to(device) for t in ds.batch(idx))
+        x, y, xm, ym = (t.to(device) for t in ds.batch(idx)[:4])   # Time-MMD adds text indices
         kw = {k: v.to(device) for k, v in extras(idx).items()} if extras is not None else {}
         yield x, y, xm, ym, kw
 
@@ -98,7 +102,7 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
     device = resolve_device(cfg.device)
     model.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=cfg.lr)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +133,8 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
                                          f"try a lower learning rate (now {lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             total += loss.item()
         val = evaluate(model, val_ds, cfg.eval_batch_size, device)

