@@ -94,6 +94,8 @@ def cmd_train(args) -> dict:
         raise SystemExit(f"error: {e}")
     spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
 
+    if klass.model_type == "mola":
+        return _train_mola(args, spec, train, val, test)
     cfg_fields = {f.name for f in fields(klass.config_class)}
     options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
                    n_experts=args.experts, n_time_features=train.n_time_features,
@@ -122,6 +124,48 @@ def cmd_train(args) -> dict:
     t = metrics["test"]
     print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (best epoch {metrics['best_epoch']}, "
           f"{metrics['train_time_s']:.0f}s)")
+    return metrics
+
+
+def _train_mola(args, spec, train, val, test) -> dict:
+    """MoLA: stage 1 trains the backbone with a one-step head, stage 2 the segment LoRA mixture."""
+    from mmts_fast.models import MoLA, get_model_class
+    from mmts_fast.models.mola import BACKBONES
+    from mmts_fast.train import TrainConfig, fit, write_json
+
+    if args.backbone not in BACKBONES:
+        raise SystemExit(f"error: unknown MoLA backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    out = Path(args.out)
+    tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})
+    klass = get_model_class(BACKBONES[args.backbone])
+    cfg_fields = {f.name for f in fields(klass.config_class)}
+    options = dict(lookback=args.lookback, horizon=1, channels=train.n_channels, n_experts=args.experts,
+                   n_time_features=train.n_time_features, head_dropout=args.head_dropout, windows=args.windows,
+                   dropout=args.dropout)
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                  device=args.device, progress=not args.quiet)
+    try:
+        torch.manual_seed(args.seed)
+        backbone = klass(klass.config_class(**{k: v for k, v in options.items() if k in cfg_fields and v is not None}))
+        stage1_cfg = TrainConfig(lr=args.lr or 0.005, lr_decay=args.lr_decay or 0.5, **common)
+        stage2_cfg = TrainConfig(lr=args.stage2_lr, lr_decay=args.lr_decay or 0.5, **common)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / DATA_SPEC, spec)
+    print(f"MoLA stage 1: {klass.__name__} with a one-step head")
+    m1 = fit(backbone, tr1, va1, te1, stage1_cfg, out_dir=out / "stage1")
+    model = MoLA.from_backbone(backbone.cpu(), args.horizon, segments=args.segments, n_lora=args.lora_experts,
+                               rank=args.lora_rank)
+    print(f"MoLA stage 2: {args.segments} segments, {args.lora_experts} LoRA experts of rank {args.lora_rank}; "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
+    metrics = fit(model, train, val, test, stage2_cfg, out_dir=out)
+    metrics["stage1"] = {k: m1[k] for k in ("val", "test", "best_epoch", "train_time_s")}
+    metrics["model"] = {"model_type": "mola", **model.config.__dict__}
+    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target")}
+    write_json(out / "metrics.json", metrics)
+    t = metrics["test"]
+    print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (stage 1 one-step test mse {m1['test']['mse']:.4f})")
     return metrics
 
 
@@ -182,7 +226,7 @@ def cmd_run(args):
 
 # ----------------------------------------------------------------------------------------- parser
 def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
-    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome")
+    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola")
     p.add_argument("--data", default=None, help="TSLib CSV (date column + channels) or a Time-MMD domain "
                    "folder/CSV; built-in data if omitted")
     p.add_argument("--lookback", type=int, default=336)
@@ -201,6 +245,12 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--target", default="OT")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("MoLA (--model mola)")
+    g.add_argument("--backbone", default="rlinear", help="dlinear | rlinear | rmlp (trained with a one-step head first)")
+    g.add_argument("--segments", type=int, default=4, help="forecast-step segments S")
+    g.add_argument("--lora-experts", type=int, default=4, help="shared LoRA experts P")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--stage2-lr", type=float, default=0.005, help="learning rate of stage 2 (the LoRA experts)")
     g = p.add_argument_group("text (lemole, mome)")
     g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
     g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")

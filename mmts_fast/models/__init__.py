@@ -1,11 +1,12 @@
 """Model classes, one file per paper, and the registry used by the CLI and ``from_pretrained``."""
 from mmts_fast.models.base import ForecastModel
 from mmts_fast.models.lemole import LeMoLE, LeMoLEConfig
+from mmts_fast.models.mola import MoLA, MoLAConfig
 from mmts_fast.models.mome import MoME, MoMEConfig
 from mmts_fast.models.mole import (DLinearMoLE, DLinearMoLEConfig, MoLEConfig, RLinearMoLE, RLinearMoLEConfig,
                                    RMLPMoLE, RMLPMoLEConfig)
 
-MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME)}
+MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME, MoLA)}
 
 
 def get_model_class(name: str) -> type:
@@ -17,5 +18,5 @@ def get_model_class(name: str) -> type:
 
 
 __all__ = ["DLinearMoLE", "DLinearMoLEConfig", "ForecastModel", "LeMoLE", "LeMoLEConfig", "MODELS", "MoLEConfig",
-           "MoME", "MoMEConfig", "RLinearMoLE",
+           "MoLA", "MoLAConfig", "MoME", "MoMEConfig", "RLinearMoLE",
            "RLinearMoLEConfig", "RMLPMoLE", "RMLPMoLEConfig", "get_model_class"]

@@ -86,6 +86,15 @@ class _MoLEBase(ForecastModel):
                              f"n_time_features={cfg.n_time_features}")
         return self.router(x_mark_enc[:, 0].to(x_enc.dtype))
 
+    # The two halves around the linear heads, also used by MoLA to put its adapters on the same input.
+    def head_input(self, x_enc: Tensor) -> tuple[Tensor, object]:
+        """What the heads read, ``[B, L', C]``, and the state ``head_output`` needs."""
+        raise NotImplementedError
+
+    def head_output(self, z: Tensor, state) -> Tensor:
+        """The heads' mixed output ``[B, H, C]`` -> the forecast."""
+        return z
+
 
 class DLinearMoLE(_MoLEBase):
     """DLinear-MoLE (``n_experts=1``: DLinear). See the module docstring."""
@@ -104,10 +113,13 @@ class DLinearMoLE(_MoLEBase):
             self.heads.weight.uniform_(-L ** -0.5, L ** -0.5)
             self.heads.bias.uniform_(-L ** -0.5, L ** -0.5)
 
+    def head_input(self, x_enc):
+        seasonal, trend = self.decomp(x_enc)
+        return torch.cat([seasonal, trend], dim=1), None
+
     def forward(self, x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None):
         self.check_inputs(x_enc, x_mark_enc)
-        seasonal, trend = self.decomp(x_enc)
-        return self.heads(torch.cat([seasonal, trend], dim=1), self.gates(x_enc, x_mark_enc))
+        return self.heads(self.head_input(x_enc)[0], self.gates(x_enc, x_mark_enc))
 
 
 class RLinearMoLE(_MoLEBase):
@@ -132,9 +144,15 @@ class RLinearMoLE(_MoLEBase):
         if fused:   # RevIN inside the kernel: x read once, normalised on load, output denormalised in place
             return self.heads(x_enc, gates, revin=True, revin_weight=self.revin.weight,
                               revin_bias=self.revin.bias, eps=self.revin.eps)
+        x, stats = self.head_input(x_enc)
+        return self.head_output(self.heads(x, gates), stats)
+
+    def head_input(self, x_enc):
         stats = self.revin.stats(x_enc)
-        x = self.dropout(self.encode(self.revin.norm(x_enc, stats)))
-        return self.revin.denorm(self.heads(x, gates), stats)
+        return self.dropout(self.encode(self.revin.norm(x_enc, stats))), stats
+
+    def head_output(self, z, stats):
+        return self.revin.denorm(z, stats)
 
 
 class RMLPMoLE(RLinearMoLE):
