@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mmts_fast import backend
+from mmts_fast.kernels import _common
 
 try:  # Triton is optional: the reference runs everywhere.
     import triton
@@ -196,14 +197,7 @@ def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], ga
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
-
-    @triton.jit
-    def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b. UPCAST: multiply in fp32 (the Triton interpreter's bf16 dot is wrong; bf16
-        products are exact in fp32, so this is what the tensor cores compute with fp32 accumulation)."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PREC)
+    from mmts_fast.kernels._common import dot as _dot
 
     @triton.jit
     def _load_xhat(x_ptr, b, c, rk, mask_n, mk, sxb, sxl, sxc, mean, std, ra, rb,
@@ -408,26 +402,6 @@ if HAS_TRITON:
 
 
 BLOCK_N, BLOCK_H, BLOCK_K = 32, 32, 32
-POISON = False  # tests set this: outputs start as NaN, so an element the kernel never writes fails
-
-
-def _alloc(*shape, like: Tensor, dtype=None) -> Tensor:
-    dtype = dtype or like.dtype
-    if POISON:
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
-
-def _precision(x: Tensor) -> str:
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast(x: Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and backend.interpreter_enabled()
-
-
 def _strides3(t: Optional[Tensor], shape) -> tuple[int, int, int]:
     """Strides of t broadcast to ``shape`` (0 along broadcast dims); zeros when t is None."""
     if t is None:
@@ -467,9 +441,9 @@ def _fwd_triton(x, weight, bias, gates, windows, revin, revin_weight, revin_bias
     N = B * C
     weight = weight.to(x.dtype)
     mean, std = _stats(x, revin, eps)
-    y = _alloc(B, H, C, like=x)
-    z = _alloc(B, H, C, like=x, dtype=torch.float32) if store_z else _dummy(x)
-    e = _alloc(B, M, H, C, like=x) if return_experts else _dummy(x)
+    y = _common.alloc(B, H, C, like=x)
+    z = _common.alloc(B, H, C, like=x, dtype=torch.float32) if store_z else _dummy(x)
+    e = _common.alloc(B, M, H, C, like=x) if return_experts else _dummy(x)
     d = _dummy(x)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(H, BLOCK_H))
     _expert_heads_fwd[grid](
@@ -484,7 +458,7 @@ def _fwd_triton(x, weight, bias, gates, windows, revin, revin_weight, revin_bias
         HAS_BIAS=bias is not None, HAS_REVIN=revin, HAS_RA=revin and revin_weight is not None,
         HAS_RB=revin and revin_bias is not None, HAS_GAMMA=film_gamma is not None,
         HAS_BETA=film_beta is not None, STORE_E=return_experts, STORE_Z=store_z,
-        PREC=_precision(x), UPCAST=_upcast(x), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
+        PREC=_common.dot_precision(x), UPCAST=_common.upcast_dot(x), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
     )
     return y, (e if return_experts else x.new_empty(0)), (z if store_z else x.new_empty(0, dtype=torch.float32)), mean, std
 
@@ -501,13 +475,13 @@ def _bwd_triton(dy, de, x, weight, bias, gates, windows, revin, revin_weight, re
     has_de = de is not None
     n_k = triton.cdiv(L, BLOCK_K)
     f32 = torch.float32
-    dx = _alloc(B, L, C, like=x, dtype=f32)
-    dgp = _alloc(n_k, N, M, like=x, dtype=f32)
-    dw = _alloc(M, H, L, like=x, dtype=f32)
-    db = _alloc(M, H, like=x, dtype=f32)
+    dx = _common.alloc(B, L, C, like=x, dtype=f32)
+    dgp = _common.alloc(n_k, N, M, like=x, dtype=f32)
+    dw = _common.alloc(M, H, L, like=x, dtype=f32)
+    db = _common.alloc(M, H, like=x, dtype=f32)
     common = dict(HAS_REVIN=revin, HAS_RA=revin and revin_weight is not None,
                   HAS_RB=revin and revin_bias is not None, HAS_GAMMA=film_gamma is not None,
-                  HAS_DE=has_de, PREC=_precision(x), UPCAST=_upcast(x), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+                  HAS_DE=has_de, PREC=_common.dot_precision(x), UPCAST=_common.upcast_dot(x), BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
     rv = (mean if revin else d, std if revin else d,
           revin_weight if revin_weight is not None else d, revin_bias if revin_bias is not None else d,
           film_gamma if film_gamma is not None else d)

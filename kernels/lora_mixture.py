@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmts_fast import backend
+from mmts_fast.kernels import _common
 
 try:  # Triton is optional: the reference runs everywhere.
     import triton
@@ -300,14 +301,7 @@ def lora_mixture_reference(x: Tensor, weight, bias: Optional[Tensor], lora_a: Te
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
-
-    @triton.jit
-    def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b. UPCAST: multiply in fp32 (the Triton interpreter's bf16 dot is wrong; bf16
-        products are exact in fp32, so this is what the tensor cores compute with fp32 accumulation)."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=PREC)
+    from mmts_fast.kernels._common import dot as _dot
 
     @triton.jit
     def _nf4_values(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
@@ -478,26 +472,6 @@ if HAS_TRITON:
 BLOCK_T, BLOCK_N, BLOCK_K = 32, 64, 32
 BLOCK_D = 64
 DEQUANT_BLOCK = 1024
-POISON = False  # tests set this: outputs start as NaN, so an element the kernel never writes fails
-
-
-def _alloc(*shape, like: Tensor, dtype=None) -> Tensor:
-    dtype = dtype or like.dtype
-    if POISON:
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
-
-def _precision(x: Tensor) -> str:
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast(*tensors) -> bool:
-    return backend.interpreter_enabled() and any(t.dtype == torch.bfloat16 for t in tensors)
-
-
 def _dummy(x: Tensor) -> Tensor:
     return x.new_empty(1, dtype=torch.float32)
 
@@ -522,7 +496,7 @@ def _nf4_args(state: list, x: Tensor) -> tuple:
 
 def _dequant_triton(packed: Tensor, state: list, shape: list, blocksize: int, blocksize2: int, code: int) -> Tensor:
     n = math.prod(shape)
-    out = _alloc(n, like=packed, dtype=_DTYPES[code])
+    out = _common.alloc(n, like=packed, dtype=_DTYPES[code])
     _nf4_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
         packed, *_nf4_args(state, packed), out, n,
         BLOCKSIZE=blocksize, BLOCKSIZE2=max(blocksize2, 1), NESTED=blocksize2 > 0, CODE=code, BLOCK=DEQUANT_BLOCK,
@@ -550,8 +524,8 @@ def _base_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], st
         x, weight, *_nf4_args(state, x), bias if bias is not None else d, out,
         T, N, K, *x.stride(), swn, swk, *out.stride(),
         HAS_BIAS=bias is not None, NF4=nf4, NESTED=nf4 and blocksize2 > 0, BLOCKSIZE=blocksize,
-        BLOCKSIZE2=max(blocksize2, 1), WCODE=wcode, PREC=_precision(x),
-        UPCAST=_upcast(x),
+        BLOCKSIZE2=max(blocksize2, 1), WCODE=wcode, PREC=_common.dot_precision(x),
+        UPCAST=_common.upcast_dot(x),
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         enable_fp_fusion=not (nf4 and blocksize2 > 0))   # as in _dequant_triton: the same weights as bnb
     return out
@@ -620,12 +594,12 @@ def _plan(gates: Tensor, lora_b: Tensor, scale: float, segments: int, T: int):
 def _shrink(x: Tensor, a: Tensor, a_strides, R: int, pairs: _Pairs, like: Tensor) -> Tensor:
     """u[p] = x[row_p] a[m_p]^T ([P, R] fp32); a_strides = (per expert, per output j, per input k)."""
     P = pairs.rows.numel()
-    u = _alloc(P, R, like=like, dtype=torch.float32)
+    u = _common.alloc(P, R, like=like, dtype=torch.float32)
     K = x.shape[1]
     _lora_shrink[(pairs.tile_start.numel(),)](
         x, a, pairs.rows, pairs.tile_start, pairs.tile_end, pairs.tile_expert, u,
         K, R, *x.stride(), *a_strides, u.stride(0),
-        PREC=_precision(x), UPCAST=_upcast(x), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_K=BLOCK_K)
+        PREC=_common.dot_precision(x), UPCAST=_common.upcast_dot(x), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_K=BLOCK_K)
     return u
 
 
@@ -638,8 +612,8 @@ def _expand(u: Tensor, coef: Optional[Tensor], b: Tensor, b_strides, N: int, pai
         _lora_expand[(n_tiles, triton.cdiv(N, BLOCK_N))](
             u, coef if coef is not None else u, b, pairs.rows, pairs.tile_start, pairs.tile_end,
             pairs.tile_expert, y32, tile0, N, R, u.stride(0), *b_strides, *y32.stride(),
-            HAS_COEF=coef is not None, PREC=_precision(y32) if b.dtype == torch.float32 else "ieee",
-            UPCAST=_upcast(b), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_N=BLOCK_N)
+            HAS_COEF=coef is not None, PREC=_common.dot_precision(y32) if b.dtype == torch.float32 else "ieee",
+            UPCAST=_common.upcast_dot(b), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_N=BLOCK_N)
 
 
 def _outer(big: Tensor, small: Tensor, pairs: _Pairs, M: int, out: Tensor, out_strides):
@@ -647,7 +621,7 @@ def _outer(big: Tensor, small: Tensor, pairs: _Pairs, M: int, out: Tensor, out_s
     D, R = big.shape[1], small.shape[1]
     _lora_grouped_outer[(M, triton.cdiv(D, BLOCK_D))](
         big, small, pairs.rows, pairs.expert_ptr, out, D, R, *big.stride(), small.stride(0), *out_strides,
-        PREC=_precision(big), UPCAST=_upcast(big), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_D=BLOCK_D)
+        PREC=_common.dot_precision(big), UPCAST=_common.upcast_dot(big), BLOCK_P=pairs.block_p, BLOCK_R=_block_r(R), BLOCK_D=BLOCK_D)
     return out
 
 
@@ -656,8 +630,8 @@ def _fwd_triton(x, weight, bias, lora_a, lora_b, gates, scale, segments, state, 
     M, r, _ = lora_a.shape
     d_out = lora_b.shape[1]
     f32 = torch.float32
-    y = _alloc(T, d_out, like=x)
-    y32 = y if x.dtype == f32 else _alloc(T, d_out, like=x, dtype=f32)
+    y = _common.alloc(T, d_out, like=x)
+    y32 = y if x.dtype == f32 else _common.alloc(T, d_out, like=x, dtype=f32)
     if weight is not None:
         _base_triton(x, weight, bias, state, meta, y32)
     else:
@@ -682,13 +656,13 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, gates, scale, segments, state, me
     dy = dy.to(x.dtype).contiguous()
     dx = x.new_empty(0, dtype=f32)
     if need_dx:
-        dx = _alloc(T, d_in, like=x, dtype=f32)
+        dx = _common.alloc(T, d_in, like=x, dtype=f32)
         if weight is not None:
             _base_triton(dy, weight, None, state, meta, dx, transpose=True)
         else:
             dx.zero_()
-    dA = _alloc(M, r, d_in, like=x, dtype=f32)
-    dB = _alloc(M, d_out, r, like=x, dtype=f32)
+    dA = _common.alloc(M, r, d_in, like=x, dtype=f32)
+    dB = _common.alloc(M, d_out, r, like=x, dtype=f32)
     dg = torch.zeros(gates.shape, device=x.device, dtype=f32)
     sel, b_eff, seg_coef = _plan(gates, lora_b, scale, segments, T)
     pairs = _pairs(sel)
@@ -705,7 +679,7 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, gates, scale, segments, state, me
         _outer(dy, coef[:, None] * u, pairs, M, dB, dB.stride())
     else:
         du = w
-        G = _outer(dy, u, pairs, M, _alloc(M, d_out, r, like=x, dtype=f32), (d_out * r, r, 1))
+        G = _outer(dy, u, pairs, M, _common.alloc(M, d_out, r, like=x, dtype=f32), (d_out * r, r, 1))
         used = (gates != 0).any(0).nonzero().squeeze(1)
         dB.copy_(seg_coef[:, :, None] * G)
         per_col = (G[used] * lora_b[used].float()).sum(-1).t()                          # [d_out, k]
@@ -865,7 +839,7 @@ def _base_apply(x2: Tensor, weight, nf4: Optional[NF4State], bias: Optional[Tens
         return x2 @ w.to(x2.dtype)
     w, state, meta = _op_weight(weight, nf4)
     d_in = meta[1] if nf4 is not None else weight.shape[1]
-    out = _alloc(x2.shape[0], d_in if transpose else d_out, like=x2)
+    out = _common.alloc(x2.shape[0], d_in if transpose else d_out, like=x2)
     return _base_triton(x2.contiguous(), w, None if transpose else bias, state, meta, out, transpose)
 
 
@@ -893,7 +867,11 @@ class _LoraAMR(torch.autograd.Function):
         with torch.enable_grad():
             out = lora_mixture(leaves[0], None, None, leaves[1], leaves[2], leaves[3], ctx.scale)
             wanted = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, dy) if wanted else ())
+            if wanted and out.requires_grad:   # no selected pair at all: out is a constant, grads are zero
+                grads = torch.autograd.grad(out, wanted, dy, allow_unused=True)
+            else:
+                grads = [None] * len(wanted)
+            grads = iter([torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)])
         dz, dc, db, dg = (next(grads) if t.requires_grad else None for t in leaves)
         dx = None
         if need[0]:

@@ -6,4 +6,11 @@ from mmts_fast.backend import use_backend
 from mmts_fast import ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "use_backend", "__version__"]
+__all__ = ["apply_dlora", "ops", "use_backend", "__version__"]
+
+
+def __getattr__(name):   # heavier entry points load on first use, keeping `import mmts_fast` light
+    if name == "apply_dlora":
+        from mmts_fast.nn.lora import apply_dlora
+        return apply_dlora
+    raise AttributeError(f"module 'mmts_fast' has no attribute {name!r}")

@@ -44,3 +44,15 @@ def dequantize_nf4(packed, quant_state=None):
     """
     from mmts_fast.kernels.lora_mixture import dequantize_nf4 as _op
     return _op(packed, quant_state)
+
+
+def gqa_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None):
+    """Grouped-query attention (K3): query head h reads kv head ``h // (Hq / Hkv)`` (by index, K/V never copied).
+
+    ``gqa_attention(q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, D], *, causal=False,
+    key_padding_mask [B, Lk] bool (True = attend) | None, scale=None (1/sqrt(D))) -> [B, Hq, Lq, D]``;
+    causal is bottom-right aligned (query i sees keys ``j <= i + Lk - Lq``), a query that sees no key
+    gets 0. Full documentation: :func:`mmts_fast.kernels.gqa_attention.gqa_attention`.
+    """
+    from mmts_fast.kernels.gqa_attention import gqa_attention as _op
+    return _op(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)

