@@ -45,12 +45,14 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Timer, device_name, percentile, rel_err, time_step  # noqa: E402
 import torch.nn.functional as F
 
 import mmts_fast
@@ -100,78 +102,12 @@ def model_flops(B: int, Lq: int, Lk: int, causal: bool, mode: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # Helpers (as in bench_expert_heads.py)
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
-
-
 def device_tag(device: torch.device) -> str:
     """Short name for the default output file: cpu, h100, h200, a100 or cuda."""
     if device.type != "cuda":
         return "cpu"
     name = torch.cuda.get_device_name(device).lower()
     return next((t for t in ("h200", "h100", "a100") if t in name), "cuda")
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def once(self, fn) -> float:
-        """Wall time of one call in ms (CUDA events on CUDA)."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
-def time_step(step, timer, *, warmup, budget_s, min_reps, max_reps, fixed_reps=None):
-    last = 0.0
-    for _ in range(max(1, warmup)):
-        last = timer.once(step)
-    if fixed_reps:
-        reps = fixed_reps
-    else:
-        reps = max(min_reps, min(max_reps, int(budget_s * 1e3 / max(last, 1e-3))))
-    return [timer.once(step) for _ in range(reps)], reps
 
 
 def build_impl(impl: str, q: torch.Tensor, causal: bool):

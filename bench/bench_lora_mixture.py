@@ -42,13 +42,15 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Timer, device_name, percentile, rel_err, time_step  # noqa: E402
 from torch import nn
 
 import mmts_fast
@@ -146,64 +148,10 @@ class PeftLoop(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
-
-
 def default_out(device: torch.device) -> Path:
     """bench/results/lora_mixture_cpu.jsonl, or lora_mixture_<gpu name, slugged>.jsonl."""
     tag = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return HERE / "results" / f"lora_mixture_{tag}.jsonl"
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def once(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
 
 
 def make_inputs(T, d, device, dtype, seed=0):
@@ -256,18 +204,6 @@ def make_step(mode, fn, x, gates, params, dy):
             y = fn(x, gates)
             return torch.autograd.grad(y, leaves, dy, allow_unused=True)
     return step
-
-
-def time_step(step, timer, *, warmup, budget_s, min_reps, max_reps, fixed_reps=None):
-    last = 0.0
-    for _ in range(max(1, warmup)):
-        last = timer.once(step)
-    if fixed_reps:
-        reps = fixed_reps
-    else:
-        reps = max(min_reps, min(max_reps, int(budget_s * 1e3 / max(last, 1e-3))))
-    times = [timer.once(step) for _ in range(reps)]
-    return times, reps
 
 
 # ---------------------------------------------------------------------------------------------

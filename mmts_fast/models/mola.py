@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mmts_fast import ops
 from mmts_fast.models.base import ForecastModel

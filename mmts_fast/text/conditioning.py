@@ -12,7 +12,6 @@ keyword inputs. Training never runs the LLM per batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch

@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts: device names, timing, simple statistics."""
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolation percentile, q in [0, 100]."""
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def once(self, fn) -> float:
+        """Wall time of one call in ms (CUDA events on CUDA)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def time_step(step, timer, *, warmup, budget_s, min_reps, max_reps, fixed_reps=None):
+    """Warm up, choose reps from the budget and the warm-up's last call, time. Returns (times_ms, reps)."""
+    last = 0.0
+    for _ in range(max(1, warmup)):
+        last = timer.once(step)
+    if fixed_reps:
+        reps = fixed_reps
+    else:
+        reps = int(budget_s * 1e3 / max(last, 1e-3))
+        reps = max(min_reps, min(max_reps, reps))
+    times = [timer.once(step) for _ in range(reps)]
+    return times, reps
