@@ -99,7 +99,8 @@ def cmd_train(args) -> dict:
     cfg_fields = {f.name for f in fields(klass.config_class)}
     options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
                    n_experts=args.experts, n_time_features=train.n_time_features,
-                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout, d_llm=d_llm)
+                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout, d_llm=d_llm,
+                   output_form=args.output_form, channel_independent=args.channel_independent or None)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
     recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
@@ -259,6 +260,8 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--cache-dir", default=None, help="embedding cache (default $MMTS_FAST_CACHE or "
                    "~/.cache/mmts_fast/embeddings)")
     g.add_argument("--no-text", action="store_true", help="ablation: the same model without its text inputs")
+    g.add_argument("--output-form", default=None, choices=["paper", "code"], help="LeMoLE output (default paper)")
+    g.add_argument("--channel-independent", action="store_true", help="LeMoLE: CNNs mix per channel only")
     p.add_argument("--out", required=out_required, default=None, help="run directory")
 
 

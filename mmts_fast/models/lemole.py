@@ -48,6 +48,8 @@ class LeMoLEConfig:
     use_static: bool = True                  # False: no static-prompt FiLM (text ablation)
     use_dynamic: bool = True                 # False: no dynamic-prompt FiLM (text ablation)
     output_form: str = "paper"               # "paper" | "code"
+    channel_independent: bool = False        # True: the CNNs mix experts/branches per channel only (grouped
+                                             # convs), not across channels (our option; the paper mixes all)
     n_time_features: int = 4                 # accepted for TSLib compatibility; LeMoLE does not route on it
 
     def __post_init__(self):
@@ -66,8 +68,9 @@ class LeMoLEConfig:
             raise ValueError(f"expert windows {bad} are longer than the lookback {self.lookback}")
 
 
-def _conv_stack(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1), nn.Conv1d(c_out, c_out, 3, padding=1))
+def _conv_stack(c_in: int, c_out: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1, groups=groups),
+                         nn.Conv1d(c_out, c_out, 3, padding=1, groups=groups))
 
 
 class LeMoLE(ForecastModel):
@@ -84,7 +87,8 @@ class LeMoLE(ForecastModel):
         self.revin = RevIN(C)
         self.dropout = nn.Dropout(config.dropout)
         self.heads = MultiExpertHeads(L, H, M, config.windows)
-        self.cnn = _conv_stack(M * C, C)
+        groups = C if config.channel_independent else 1
+        self.cnn = _conv_stack(M * C, C, groups)
         n_branches = 1
         if config.use_static:
             self.static_film = nn.Linear(d, 2 * H * C)
@@ -95,7 +99,7 @@ class LeMoLE(ForecastModel):
             n_branches += 1
         if config.output_form == "code":
             n_branches -= 1
-        self.cnn_final = _conv_stack(n_branches * C, C) if n_branches else None
+        self.cnn_final = _conv_stack(n_branches * C, C, groups) if n_branches else None
         for lin in (getattr(self, "static_film", None), getattr(self, "dynamic_time", None)):
             if lin is not None:   # start near the identity FiLM
                 nn.init.normal_(lin.weight, std=0.01)
@@ -115,7 +119,10 @@ class LeMoLE(ForecastModel):
             stats = self.revin.stats(x_enc)
             _, e = self.heads(x_enc, gates, return_experts=True, revin=True, revin_weight=self.revin.weight,
                               revin_bias=self.revin.bias, eps=self.revin.eps)
-        y = self.cnn(e.permute(0, 1, 3, 2).reshape(B, M * C, H))           # [B, C, H], experts stacked expert-major
+        if cfg.channel_independent:    # channel-major stacking: group c holds channel c's M experts
+            y = self.cnn(e.permute(0, 3, 1, 2).reshape(B, C * M, H))
+        else:                          # experts stacked expert-major: [Y_1; ...; Y_M]
+            y = self.cnn(e.permute(0, 1, 3, 2).reshape(B, M * C, H))      # [B, C, H]
         film_s = film_d = None
         if cfg.use_dynamic:
             if dynamic_emb is None or dynamic_emb.shape != (B, L, cfg.d_llm):
@@ -132,8 +139,16 @@ class LeMoLE(ForecastModel):
             gb = self.static_film(static_emb.to(y.dtype)).view(-1, 2 * C, H)                   # [B or 1, 2C, H]
             film_s = ((1 + gb[:, :C]) * y + gb[:, C:]).expand(B, C, H)
         if cfg.output_form == "paper":         # CNN_final([Y; Y'_S; Y'_D])
-            out = self.cnn_final(torch.cat([t for t in (y, film_s, film_d) if t is not None], dim=1))
+            branches = [t for t in (y, film_s, film_d) if t is not None]
         else:                                  # public code: CNN_final([Y'_D; Y'_S]) + Y
             branches = [t for t in (film_d, film_s) if t is not None]
-            out = self.cnn_final(torch.cat(branches, dim=1)) + y if branches else y
+        out = self.cnn_final(self._stack(branches)) if branches else 0
+        if cfg.output_form == "code":
+            out = out + y
         return self.revin.denorm(out.transpose(1, 2), stats)
+
+    def _stack(self, branches: list) -> Tensor:
+        """``[B, n*C, H]``: branch-major, or channel-major when the CNNs are grouped per channel."""
+        if self.config.channel_independent:
+            return torch.stack(branches, dim=2).flatten(1, 2)
+        return torch.cat(branches, dim=1)
