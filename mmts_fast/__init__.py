@@ -6,11 +6,14 @@ from mmts_fast.backend import use_backend
 from mmts_fast import ops
 
 __version__ = "0.1.0"
-__all__ = ["apply_dlora", "ops", "use_backend", "__version__"]
+__all__ = ["apply_dlora", "apply_fast_attention", "ops", "use_backend", "__version__"]
 
 
 def __getattr__(name):   # heavier entry points load on first use, keeping `import mmts_fast` light
     if name == "apply_dlora":
         from mmts_fast.nn.lora import apply_dlora
         return apply_dlora
+    if name == "apply_fast_attention":
+        from mmts_fast.nn.fast_attention import apply_fast_attention
+        return apply_fast_attention
     raise AttributeError(f"module 'mmts_fast' has no attribute {name!r}")
