@@ -17,7 +17,8 @@ import torch
 
 DATA_SPEC = "data.json"
 # Per-model training defaults that differ from MoLE's recipe (TrainConfig's defaults).
-MODEL_RECIPES = {"mome": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0)}
+MODEL_RECIPES = {"mome": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0),
+                 "llm_ts_net": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0)}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -78,7 +79,7 @@ def cmd_train(args) -> dict:
         klass = get_model_class(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    text_model = klass.model_type in ("lemole", "mome")
+    text_model = klass.model_type in ("lemole", "mome", "llm_ts_net")
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
             "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
@@ -227,7 +228,7 @@ def cmd_run(args):
 
 # ----------------------------------------------------------------------------------------- parser
 def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
-    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola")
+    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola | llm_ts_net")
     p.add_argument("--data", default=None, help="TSLib CSV (date column + channels) or a Time-MMD domain "
                    "folder/CSV; built-in data if omitted")
     p.add_argument("--lookback", type=int, default=336)
@@ -252,7 +253,7 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--lora-experts", type=int, default=4, help="shared LoRA experts P")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--stage2-lr", type=float, default=0.005, help="learning rate of stage 2 (the LoRA experts)")
-    g = p.add_argument_group("text (lemole, mome)")
+    g = p.add_argument_group("text (lemole, mome, llm_ts_net)")
     g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
     g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")
     g.add_argument("--load-in-4bit", action="store_true", help="NF4 text encoder (bitsandbytes)")

@@ -1,12 +1,13 @@
 """Model classes, one file per paper, and the registry used by the CLI and ``from_pretrained``."""
 from mmts_fast.models.base import ForecastModel
 from mmts_fast.models.lemole import LeMoLE, LeMoLEConfig
+from mmts_fast.models.llm_ts_net import LLMTSNet, LLMTSNetConfig
 from mmts_fast.models.mola import MoLA, MoLAConfig
 from mmts_fast.models.mome import MoME, MoMEConfig
 from mmts_fast.models.mole import (DLinearMoLE, DLinearMoLEConfig, MoLEConfig, RLinearMoLE, RLinearMoLEConfig,
                                    RMLPMoLE, RMLPMoLEConfig)
 
-MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME, MoLA)}
+MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME, MoLA, LLMTSNet)}
 
 
 def get_model_class(name: str) -> type:
@@ -17,6 +18,6 @@ def get_model_class(name: str) -> type:
     return MODELS[key]
 
 
-__all__ = ["DLinearMoLE", "DLinearMoLEConfig", "ForecastModel", "LeMoLE", "LeMoLEConfig", "MODELS", "MoLEConfig",
+__all__ = ["DLinearMoLE", "DLinearMoLEConfig", "ForecastModel", "LLMTSNet", "LLMTSNetConfig", "LeMoLE", "LeMoLEConfig", "MODELS", "MoLEConfig",
            "MoLA", "MoLAConfig", "MoME", "MoMEConfig", "RLinearMoLE",
            "RLinearMoLEConfig", "RMLPMoLE", "RMLPMoLEConfig", "get_model_class"]

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmts_fast.models.base import ForecastModel

@@ -8,7 +8,8 @@ keyword inputs. Training never runs the LLM per batch.
 - LeMoLE: ``static_emb [B, d]``: the dataset description, or on Time-MMD the latest report/search
   text each window may see (the description before the first one); ``dynamic_emb [B, L, d]``: one
   AutoTimes-style timestamp prompt per lookback step.
-- MoME: ``text_hidden [B, T, d]`` and ``text_mask [B, T]``: the token states of the same static text.
+- MoME and LLM-TS Net (its frozen-encoder variant): ``text_hidden [B, T, d]`` and ``text_mask [B, T]``:
+  the token states of the same static text.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from mmts_fast.text.cache import EmbeddingCache
 from mmts_fast.text.encoders import TextEncoder
 from mmts_fast.text.prompts import DATASET_DESCRIPTIONS, dynamic_prompts, static_prompt
 
-TEXT_MODELS = {"lemole", "mome"}
+TEXT_MODELS = {"lemole", "mome", "llm_ts_net"}
 
 
 def make_encoder(spec: dict) -> TextEncoder:
@@ -50,7 +51,7 @@ def attach_text(model_type: str, splits: list, table, texts, spec: dict, data_na
         dyn = cache.encode(encoder, dynamic_prompts(table.dates[r0:r1], splits[0].freq), progress=progress)
         for s in splits:
             s.extras = _lemole_extras(s, static, dyn, r0)
-    elif model_type == "mome":
+    elif model_type in ("mome", "llm_ts_net"):   # frozen token states (LLM-TS Net: its cached-text variant)
         hidden, mask = cache.encode(encoder, window_texts + [desc], pooling="tokens",
                                     max_length=spec.get("max_tokens", 64), progress=progress)
         for s in splits:

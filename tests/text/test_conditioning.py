@@ -52,7 +52,7 @@ def toy_domain(tmp_path, n=120):
     return d
 
 
-@pytest.mark.parametrize("model", ["lemole", "mome"])
+@pytest.mark.parametrize("model", ["lemole", "mome", "llm_ts_net"])
 def test_each_window_gets_its_own_leak_free_text(tmp_path, monkeypatch, model):
     fake = FakeEncoder()
     monkeypatch.setattr(conditioning, "make_encoder", lambda spec: fake)
@@ -89,7 +89,7 @@ def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MMTS_FAST_CACHE", str(tmp_path / "cache"))
     d = toy_domain(tmp_path, n=150)
     small = ["--data", str(d), "--lookback", "12", "--horizon", "4", "--epochs", "1", "--quiet"]
-    for model in ("lemole", "mome"):
+    for model in ("lemole", "mome", "llm_ts_net"):
         out = tmp_path / model
         main(["train", "--model", model, "--out", str(out), *small])
         assert json.loads((out / "metrics.json").read_text())["test"]["mse"] > 0
