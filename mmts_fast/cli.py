@@ -101,9 +101,16 @@ def cmd_train(args) -> dict:
     options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
                    n_experts=args.experts, n_time_features=train.n_time_features,
                    head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout, d_llm=d_llm,
-                   output_form=args.output_form, channel_independent=args.channel_independent or None)
+                   output_form=args.output_form,
+                   channel_independent=False if args.channel_mixing else None)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
+    if klass.model_type == "time_llama":   # LLM backbone; the prompt is the data set's description
+        from mmts_fast.text.conditioning import describe
+        name = Path(spec["data"]).stem if spec["data"] else None
+        options.update(backbone=args.backbone or "smollm2", n_llm_layers=args.llm_layers,
+                       load_in_4bit=args.load_in_4bit,
+                       prompt=describe({"static_prompt": args.static_prompt}, name, train.columns))
     recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
     recipe.update({k: v for k, v in (("lr", args.lr), ("lr_decay", args.lr_decay)) if v is not None})
     try:
@@ -135,6 +142,7 @@ def _train_mola(args, spec, train, val, test) -> dict:
     from mmts_fast.models.mola import BACKBONES
     from mmts_fast.train import TrainConfig, fit, write_json
 
+    args.backbone = args.backbone or "rlinear"
     if args.backbone not in BACKBONES:
         raise SystemExit(f"error: unknown MoLA backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     out = Path(args.out)
@@ -228,7 +236,7 @@ def cmd_run(args):
 
 # ----------------------------------------------------------------------------------------- parser
 def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
-    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola | llm_ts_net")
+    p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola | llm_ts_net | time_llama")
     p.add_argument("--data", default=None, help="TSLib CSV (date column + channels) or a Time-MMD domain "
                    "folder/CSV; built-in data if omitted")
     p.add_argument("--lookback", type=int, default=336)
@@ -247,8 +255,10 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--target", default="OT")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("MoLA (--model mola)")
-    g.add_argument("--backbone", default="rlinear", help="dlinear | rlinear | rmlp (trained with a one-step head first)")
+    g = p.add_argument_group("MoLA (--model mola) and Time-LlaMA (--model time_llama)")
+    g.add_argument("--backbone", default=None, help="MoLA: dlinear | rlinear (default) | rmlp, trained with a "
+                   "one-step head first; Time-LlaMA: the LLM, smollm2 (default) or a local model folder")
+    g.add_argument("--llm-layers", type=int, default=2, help="Time-LlaMA: first K decoder layers of the LLM")
     g.add_argument("--segments", type=int, default=4, help="forecast-step segments S")
     g.add_argument("--lora-experts", type=int, default=4, help="shared LoRA experts P")
     g.add_argument("--lora-rank", type=int, default=8)
@@ -256,13 +266,14 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g = p.add_argument_group("text (lemole, mome, llm_ts_net)")
     g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
     g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")
-    g.add_argument("--load-in-4bit", action="store_true", help="NF4 text encoder (bitsandbytes)")
+    g.add_argument("--load-in-4bit", action="store_true", help="NF4 (bitsandbytes) text encoder / Time-LlaMA backbone")
     g.add_argument("--static-prompt", default=None, help="dataset description: text, a .txt file or a data set name")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default $MMTS_FAST_CACHE or "
                    "~/.cache/mmts_fast/embeddings)")
     g.add_argument("--no-text", action="store_true", help="ablation: the same model without its text inputs")
     g.add_argument("--output-form", default=None, choices=["paper", "code"], help="LeMoLE output (default paper)")
-    g.add_argument("--channel-independent", action="store_true", help="LeMoLE: CNNs mix per channel only")
+    g.add_argument("--channel-mixing", action="store_true",
+                   help="LeMoLE: CNNs mix across channels as in the paper (default: per channel)")
     p.add_argument("--out", required=out_required, default=None, help="run directory")
 
 

@@ -128,6 +128,8 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
             if train_ds.n_out_channels != pred.shape[-1]:
                 pred = pred[..., -train_ds.n_out_channels:]
             loss = nn.functional.mse_loss(pred.float(), y)
+            if hasattr(model, "aux_loss"):   # routers' load-balancing loss (Time-LlaMA's D-LoRA)
+                loss = loss + getattr(model.config, "aux_weight", 0.0) * model.aux_loss()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}; "
                                          f"try a lower learning rate (now {lr:g})")

@@ -4,10 +4,11 @@ from mmts_fast.models.lemole import LeMoLE, LeMoLEConfig
 from mmts_fast.models.llm_ts_net import LLMTSNet, LLMTSNetConfig
 from mmts_fast.models.mola import MoLA, MoLAConfig
 from mmts_fast.models.mome import MoME, MoMEConfig
+from mmts_fast.models.time_llama import TimeLlaMA, TimeLlaMAConfig
 from mmts_fast.models.mole import (DLinearMoLE, DLinearMoLEConfig, MoLEConfig, RLinearMoLE, RLinearMoLEConfig,
                                    RMLPMoLE, RMLPMoLEConfig)
 
-MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME, MoLA, LLMTSNet)}
+MODELS = {cls.model_type: cls for cls in (DLinearMoLE, RLinearMoLE, RMLPMoLE, LeMoLE, MoME, MoLA, LLMTSNet, TimeLlaMA)}
 
 
 def get_model_class(name: str) -> type:
@@ -20,4 +21,4 @@ def get_model_class(name: str) -> type:
 
 __all__ = ["DLinearMoLE", "DLinearMoLEConfig", "ForecastModel", "LLMTSNet", "LLMTSNetConfig", "LeMoLE", "LeMoLEConfig", "MODELS", "MoLEConfig",
            "MoLA", "MoLAConfig", "MoME", "MoMEConfig", "RLinearMoLE",
-           "RLinearMoLEConfig", "RMLPMoLE", "RMLPMoLEConfig", "get_model_class"]
+           "RLinearMoLEConfig", "RMLPMoLE", "RMLPMoLEConfig", "TimeLlaMA", "TimeLlaMAConfig", "get_model_class"]
