@@ -1,38 +1,42 @@
 #!/usr/bin/env bash
-# Accuracy runs for the text-conditioned models (RESULTS.md, issue 3). Seeds 2021-2023.
-#  - ETTh1, L=512, H in {96, 720}: LeMoLE (MiniLM text) vs RLinear-MoLE.
-#  - Time-MMD Energy and Health_US (target OT), L=36, H=12: LeMoLE and MoME with text, the same
-#    models with text removed (--no-text), and RLinear-MoLE.
-# Usage: bash bench/accuracy_text.sh [SHARED_DATA] [OUT_ROOT] [JOBS]   then: python bench/summarize_runs.py OUT_ROOT/<set>
+# Accuracy runs for the text-conditioned and LLM-backbone models (RESULTS.md, issues 3-5). One line per run,
+# JOBS runs in parallel, each on one thread; finished runs (metrics.json present) are skipped.
+# Usage: MMTS_FAST_CACHE=DIR bash bench/accuracy_text.sh [SHARED_DATA] [OUT_ROOT] [JOBS]
+# Then: python bench/summarize_runs.py OUT_ROOT/<set>
 set -euo pipefail
 DATA=${1:-../shared/data}
 ROOT=${2:-runs}
 JOBS=${3:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
-# warm the embedding cache once (so parallel runs do not all run the encoder)
-mmts-fast train --model lemole --data "$DATA/ETT/ETTh1.csv" --lookback 512 --horizon 96 --epochs 1 \
-  --out "$ROOT/warm_cache" --quiet > /dev/null
-for D in Energy Health_US; do
-  for M in lemole mome; do
-    mmts-fast train --model $M --data "$DATA/Time-MMD/$D" --lookback 36 --horizon 12 --epochs 1 \
-      --out "$ROOT/warm_cache_${D}_${M}" --quiet > /dev/null
-  done
-done
+E=$DATA/ETT/ETTh1.csv
 {
+  # Time-MMD domains, L=36, H=12: every model with and without its text, and RLinear-MoLE.
   for S in 2021 2022 2023; do
-    for H in 96 720; do
-      echo "--model lemole --data $DATA/ETT/ETTh1.csv --lookback 512 --horizon $H --seed $S --out $ROOT/text_etth1/lemole_H${H}_s$S"
-      echo "--model rlinear_mole --data $DATA/ETT/ETTh1.csv --lookback 512 --horizon $H --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H${H}_s$S"
-    done
     for D in Energy Health_US; do
       C="--data $DATA/Time-MMD/$D --lookback 36 --horizon 12 --seed $S"
-      echo "--model lemole $C --out $ROOT/text_$D/lemole_text_s$S"
-      echo "--model lemole $C --no-text --out $ROOT/text_$D/lemole_notext_s$S"
-      echo "--model mome $C --out $ROOT/text_$D/mome_text_s$S"
-      echo "--model mome $C --no-text --out $ROOT/text_$D/mome_notext_s$S"
+      for M in lemole mome llm_ts_net; do
+        echo "--model $M $C --out $ROOT/text_$D/${M}_text_s$S"
+        echo "--model $M $C --no-text --out $ROOT/text_$D/${M}_notext_s$S"
+      done
       echo "--model rlinear_mole $C --head-dropout 0.2 --lr 0.001 --out $ROOT/text_$D/rlinear_mole_s$S"
     done
   done
+  # ETTh1, L=512, H=96: LeMoLE with and without text vs RLinear-MoLE.
+  for S in 2021 2022 2023; do
+    echo "--model lemole --data $E --lookback 512 --horizon 96 --seed $S --out $ROOT/text_etth1/lemole_H96_s$S"
+    echo "--model lemole --data $E --lookback 512 --horizon 96 --seed $S --no-text --out $ROOT/text_etth1/lemole_notext_H96_s$S"
+    echo "--model rlinear_mole --data $E --lookback 512 --horizon 96 --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H96_s$S"
+  done
+  # Time-LlaMA on SmolLM2 (first 2 layers), ETTh1 L=96 H=96, fp32 vs NF4 backbone; LLM-TS Net with/without text.
+  T="--data $E --lookback 96 --horizon 96 --epochs 3 --seed 2021"
+  echo "--model time_llama $T --llm-layers 2 --out $ROOT/llm_etth1/time_llama_fp32_s2021"
+  echo "--model time_llama $T --llm-layers 2 --load-in-4bit --out $ROOT/llm_etth1/time_llama_nf4_s2021"
+  echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --out $ROOT/llm_etth1/llm_ts_net_text_s2021"
+  echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --no-text --out $ROOT/llm_etth1/llm_ts_net_notext_s2021"
+  # ETTh1, L=512, H=720 (slow on a CPU): third seed of RLinear-MoLE, one seed of LeMoLE.
+  echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed 2022 --out $ROOT/text_etth1/rlinear_mole_H720_s2022"
+  echo "--model lemole --data $E --lookback 512 --horizon 720 --seed 2021 --out $ROOT/text_etth1/lemole_H720_s2021"
+  echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed 2023 --out $ROOT/text_etth1/rlinear_mole_H720_s2023"
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
