@@ -105,6 +105,8 @@ def cmd_train(args) -> dict:
                    channel_independent=False if args.channel_mixing else None)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
+    if args.no_dynamic_prompt:
+        options.update(use_dynamic=False)
     if klass.model_type == "time_llama":   # LLM backbone; the prompt is the data set's description
         from mmts_fast.text.conditioning import describe
         name = Path(spec["data"]).stem if spec["data"] else None
@@ -271,6 +273,7 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--cache-dir", default=None, help="embedding cache (default $MMTS_FAST_CACHE or "
                    "~/.cache/mmts_fast/embeddings)")
     g.add_argument("--no-text", action="store_true", help="ablation: the same model without its text inputs")
+    g.add_argument("--no-dynamic-prompt", action="store_true", help="LeMoLE: static prompt only")
     g.add_argument("--output-form", default=None, choices=["paper", "code"], help="LeMoLE output (default paper)")
     g.add_argument("--channel-mixing", action="store_true",
                    help="LeMoLE: CNNs mix across channels as in the paper (default: per channel)")
