@@ -79,7 +79,7 @@ def cmd_train(args) -> dict:
         klass = get_model_class(args.model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    text_model = klass.model_type in ("lemole", "mome", "llm_ts_net")
+    text_model = bool(getattr(klass, "extra_inputs", ()))    # LeMoLE, MoME, LLM-TS Net take text inputs
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
             "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
@@ -97,12 +97,8 @@ def cmd_train(args) -> dict:
 
     if klass.model_type == "mola":
         return _train_mola(args, spec, train, val, test)
-    cfg_fields = {f.name for f in fields(klass.config_class)}
-    options = dict(lookback=args.lookback, horizon=args.horizon, channels=train.n_channels,
-                   n_experts=args.experts, n_time_features=train.n_time_features,
-                   head_dropout=args.head_dropout, windows=args.windows, dropout=args.dropout, d_llm=d_llm,
-                   output_form=args.output_form,
-                   channel_independent=False if args.channel_mixing else None)
+    options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
+                             channel_independent=False if args.channel_mixing else None)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
     if args.no_dynamic_prompt:
@@ -116,7 +112,7 @@ def cmd_train(args) -> dict:
     recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
     recipe.update({k: v for k, v in (("lr", args.lr), ("lr_decay", args.lr_decay)) if v is not None})
     try:
-        config = klass.config_class(**{k: v for k, v in options.items() if k in cfg_fields and v is not None})
+        config = _config(klass, options)
         torch.manual_seed(args.seed)
         model = klass(config)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
@@ -138,6 +134,18 @@ def cmd_train(args) -> dict:
     return metrics
 
 
+def _model_options(args, train, **extra) -> dict:
+    """Config values from the command line and the data; each model keeps the ones its config has."""
+    return dict(lookback=args.lookback, channels=train.n_channels, n_experts=args.experts,
+                n_time_features=train.n_time_features, head_dropout=args.head_dropout, windows=args.windows,
+                dropout=args.dropout, **extra)
+
+
+def _config(klass, options: dict):
+    names = {f.name for f in fields(klass.config_class)}
+    return klass.config_class(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
 def _train_mola(args, spec, train, val, test) -> dict:
     """MoLA: stage 1 trains the backbone with a one-step head, stage 2 the segment LoRA mixture."""
     from mmts_fast.models import MoLA, get_model_class
@@ -150,15 +158,11 @@ def _train_mola(args, spec, train, val, test) -> dict:
     out = Path(args.out)
     tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})
     klass = get_model_class(BACKBONES[args.backbone])
-    cfg_fields = {f.name for f in fields(klass.config_class)}
-    options = dict(lookback=args.lookback, horizon=1, channels=train.n_channels, n_experts=args.experts,
-                   n_time_features=train.n_time_features, head_dropout=args.head_dropout, windows=args.windows,
-                   dropout=args.dropout)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                   device=args.device, progress=not args.quiet)
     try:
         torch.manual_seed(args.seed)
-        backbone = klass(klass.config_class(**{k: v for k, v in options.items() if k in cfg_fields and v is not None}))
+        backbone = klass(_config(klass, _model_options(args, train, horizon=1)))
         stage1_cfg = TrainConfig(lr=args.lr or 0.005, lr_decay=args.lr_decay or 0.5, **common)
         stage2_cfg = TrainConfig(lr=args.stage2_lr, lr_decay=args.lr_decay or 0.5, **common)
     except ValueError as e:
