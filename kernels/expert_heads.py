@@ -153,9 +153,8 @@ def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], ga
                            film_beta: Optional[Tensor] = None, return_experts: bool = False):
     """Plain PyTorch K1: all experts in one GEMM, no Python loop over experts.
 
-    Two equal forms of the same sum: the per-expert outputs ``[N, M*H]`` (needed for ``return_experts``;
-    used when all windows are full and this intermediate is the smaller), or the gate-scaled window
-    inputs ``[N, sum w_m]``, which does exactly the experts' FLOPs when windows differ.
+    Two equal forms of the same sum, picked by the size of the intermediate: the per-expert outputs
+    ``[N, M*H]`` (needed for ``return_experts``), or the gate-scaled window inputs ``[N, sum w_m]``.
     """
     windows = _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma, film_beta)
     B, L, C = x.shape
@@ -169,9 +168,7 @@ def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], ga
     g = (gates if gates.dim() == 3 else gates[:, None, :]).expand(B, C, M).reshape(N, M).to(dtype)
     w = weight.to(dtype)
     cols, owner, flat = _window_index(windows, L, x.device)
-    if return_experts or (len(cols) == M * L and M * L > M * H):
-        # (only when every window is the full lookback, so masking wastes no FLOPs, and [N, M*H] is
-        # the smaller intermediate)
+    if return_experts or len(cols) > M * H:
         # Expert-output form: one GEMM for all experts [N, L] x [L, M*H] (off-window weights masked),
         # then the gate-weighted sum over experts.
         e = torch.nn.functional.linear(rows, (w * window_mask(windows, L, x.device).to(dtype)).reshape(M * H, L),
