@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Accuracy runs for the text-conditioned and LLM-backbone models (RESULTS.md, issues 3-5). One line per run,
+# (the paper-CNN LeMoLE rows in RESULTS.md add --channel-mixing to the LeMoLE lines),
 # JOBS runs in parallel, each on one thread; finished runs (metrics.json present) are skipped.
 # Usage: MMTS_FAST_CACHE=DIR bash bench/accuracy_text.sh [SHARED_DATA] [OUT_ROOT] [JOBS]
 # Then: python bench/summarize_runs.py OUT_ROOT/<set>
@@ -25,6 +26,7 @@ E=$DATA/ETT/ETTh1.csv
   for S in 2021 2022 2023; do
     echo "--model lemole --data $E --lookback 512 --horizon 96 --seed $S --out $ROOT/text_etth1/lemole_H96_s$S"
     echo "--model lemole --data $E --lookback 512 --horizon 96 --seed $S --no-text --out $ROOT/text_etth1/lemole_notext_H96_s$S"
+    echo "--model lemole --data $E --lookback 512 --horizon 96 --seed $S --no-dynamic-prompt --out $ROOT/text_etth1/lemole_static_H96_s$S"
     echo "--model rlinear_mole --data $E --lookback 512 --horizon 96 --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H96_s$S"
   done
   # Time-LlaMA on SmolLM2 (first 2 layers), ETTh1 L=96 H=96, fp32 vs NF4 backbone; LLM-TS Net with/without text.
@@ -33,10 +35,11 @@ E=$DATA/ETT/ETTh1.csv
   echo "--model time_llama $T --llm-layers 2 --load-in-4bit --out $ROOT/llm_etth1/time_llama_nf4_s2021"
   echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --out $ROOT/llm_etth1/llm_ts_net_text_s2021"
   echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --no-text --out $ROOT/llm_etth1/llm_ts_net_notext_s2021"
-  # ETTh1, L=512, H=720 (slow on a CPU): third seed of RLinear-MoLE, one seed of LeMoLE.
-  echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed 2022 --out $ROOT/text_etth1/rlinear_mole_H720_s2022"
-  echo "--model lemole --data $E --lookback 512 --horizon 720 --seed 2021 --out $ROOT/text_etth1/lemole_H720_s2021"
-  echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed 2023 --out $ROOT/text_etth1/rlinear_mole_H720_s2023"
+  # ETTh1, L=512, H=720 (slow on a CPU): LeMoLE with its static prompt vs RLinear-MoLE.
+  for S in 2021 2022 2023; do
+    echo "--model lemole --data $E --lookback 512 --horizon 720 --seed $S --no-dynamic-prompt --out $ROOT/text_etth1/lemole_static_H720_s$S"
+    echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H720_s$S"
+  done
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
