@@ -67,9 +67,9 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
                                                use_dynamic=False)), {}),
     }
     rows = []
-    for name, (model, kw) in models.items():
+    for (name, (model, kw)), fused in ((item, f) for item in models.items() for f in (False, True)):
         model.to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)   # fused: --fused-optimizer
 
         def step():
             loss = torch.nn.functional.mse_loss(model(x, xm, **kw), y)
@@ -78,11 +78,11 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
             opt.step()
 
         t = timeit(step, device, reps)
-        rows.append(dict(bench="train_step", model=name, B=B, L=L, H=H, C=C, d_llm=d_llm,
+        rows.append(dict(bench="train_step", model=name, fused_adam=fused, B=B, L=L, H=H, C=C, d_llm=d_llm,
                          median_ms=statistics.median(t), reps=reps))
-    base = rows[0]["median_ms"]
-    for r in rows:
-        r["ratio_vs_rlinear_mole"] = r["median_ms"] / base
+    for r in rows:   # against RLinear-MoLE with the same optimiser
+        base = next(b for b in rows if b["model"] == "rlinear_mole" and b["fused_adam"] == r["fused_adam"])
+        r["ratio_vs_rlinear_mole"] = r["median_ms"] / base["median_ms"]
     return rows
 
 

@@ -116,7 +116,8 @@ def cmd_train(args) -> dict:
         torch.manual_seed(args.seed)
         model = klass(config)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
-                           seed=args.seed, device=args.device, progress=not args.quiet, **recipe)
+                           seed=args.seed, device=args.device, progress=not args.quiet,
+                           fused_optimizer=args.fused_optimizer, **recipe)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     out = Path(args.out)
@@ -159,7 +160,7 @@ def _train_mola(args, spec, train, val, test) -> dict:
     tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})
     klass = get_model_class(BACKBONES[args.backbone])
     common = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, progress=not args.quiet, fused_optimizer=args.fused_optimizer)
     try:
         torch.manual_seed(args.seed)
         backbone = klass(_config(klass, _model_options(args, train, horizon=1)))
@@ -261,6 +262,7 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--target", default="OT")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernel (faster)")
     g = p.add_argument_group("MoLA (--model mola) and Time-LlaMA (--model time_llama)")
     g.add_argument("--backbone", default=None, help="MoLA: dlinear | rlinear (default) | rmlp, trained with a "
                    "one-step head first; Time-LlaMA: the LLM, smollm2 (default) or a local model folder")
