@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Timer, device_name, percentile, rel_err, time_step  # noqa: E402
+from benchlib import (Timer, device_name, rel_err, setup_device, split_choices,  # noqa: E402
+                      time_stats, time_step)
 import torch.nn.functional as F
 
 import mmts_fast
@@ -193,24 +194,14 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.impls is None:
         args.impls = ",".join(IMPLS if args.device == "cuda" else CPU_IMPLS)
-    args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-    args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
-    for s in args.impls:
-        if s not in IMPLS:
-            p.error(f"unknown impl {s!r}; choose from {', '.join(IMPLS)}")
-    for s in args.modes:
-        if s not in MODES:
-            p.error(f"unknown mode {s!r}; choose from {', '.join(MODES)}")
+    args.impls = split_choices(p, args.impls, IMPLS, "impl")
+    args.modes = split_choices(p, args.modes, MODES, "mode")
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    device = setup_device(args)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype)
     tiny, quick = args.shapes == "tiny", args.shapes == "quick"
@@ -288,9 +279,9 @@ def main(argv=None) -> list[dict]:
                         step = make_step(mode, fn, q, k, v, dout)
                         times, reps = time_step(step, timer, warmup=warmup, budget_s=budget_s, min_reps=min_reps,
                                                 max_reps=max_reps, fixed_reps=fixed_reps)
-                        med = percentile(times, 50)
-                        row.update(median_ms=med, p20_ms=percentile(times, 20), p80_ms=percentile(times, 80),
-                                   reps=reps, warmup=warmup, tflops=row["model_flops"] / (med * 1e-3) / 1e12)
+                        row.update(time_stats(times))
+                        med = row["median_ms"]
+                        row.update(reps=reps, warmup=warmup, tflops=row["model_flops"] / (med * 1e-3) / 1e12)
                         if cuda:
                             row.update(peak_tflops=peak, frac_peak_flops=row["tflops"] / peak if peak else None)
                     except Exception as e:  # noqa: BLE001 - a failed row is data, not a crash

@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Timer, device_name, percentile, rel_err, time_step  # noqa: E402
+from benchlib import (Timer, device_name, rel_err, setup_device, split_choices,  # noqa: E402
+                      time_stats, time_step)
 from torch import nn
 
 import mmts_fast
@@ -256,24 +257,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.shapes is None:
         args.shapes = "quick" if args.quick else "full"
-    args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-    args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
-    for s in args.impls:
-        if s not in IMPLS:
-            p.error(f"unknown impl {s!r}; choose from {', '.join(IMPLS)}")
-    for s in args.modes:
-        if s not in MODES:
-            p.error(f"unknown mode {s!r}; choose from {', '.join(MODES)}")
+    args.impls = split_choices(p, args.impls, IMPLS, "impl")
+    args.modes = split_choices(p, args.modes, MODES, "mode")
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    device = setup_device(args)
     dtype = getattr(torch, args.dtype)
     cuda = device.type == "cuda"
     tiny = args.shapes == "tiny"
@@ -362,9 +353,9 @@ def main(argv=None) -> list[dict]:
                                 raise RuntimeError(f"output differs from k2: rel err {check:.2e} > {tol:g}")
                         times, reps = time_step(step, timer, warmup=warmup, budget_s=budget_s,
                                                 min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
-                        med = percentile(times, 50)
-                        row.update(median_ms=med, p20_ms=percentile(times, 20), p80_ms=percentile(times, 80),
-                                   reps=reps, warmup=warmup)
+                        row.update(time_stats(times))
+                        med = row["median_ms"]
+                        row.update(reps=reps, warmup=warmup)
                         nbytes, flops = cost[mode]
                         row.update(model_bytes=nbytes, model_flops=flops,
                                    gbps=nbytes / (med * 1e-3) / 1e9, tflops=flops / (med * 1e-3) / 1e12)

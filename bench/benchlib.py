@@ -75,3 +75,27 @@ def time_step(step, timer, *, warmup, budget_s, min_reps, max_reps, fixed_reps=N
         reps = max(min_reps, min(max_reps, reps))
     times = [timer.once(step) for _ in range(reps)]
     return times, reps
+
+
+def split_choices(parser, text: str, allowed, what: str) -> list[str]:
+    """A comma-separated command-line subset, each item checked against ``allowed``."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    for s in items:
+        if s not in allowed:
+            parser.error(f"unknown {what} {s!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def setup_device(args) -> torch.device:
+    """Applies ``--threads`` and checks that a requested CUDA device exists."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    return device
+
+
+def time_stats(times: list[float]) -> dict:
+    """Median and 20th/80th percentiles of timings in ms."""
+    return dict(median_ms=percentile(times, 50), p20_ms=percentile(times, 20), p80_ms=percentile(times, 80))
