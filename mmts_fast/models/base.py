@@ -29,6 +29,13 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def require_positive(config, *names: str) -> None:
+    """Config validation shared by every model: each named field must be an integer >= 1."""
+    for name in names:
+        if int(getattr(config, name)) < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}")
+
+
 class ForecastModel(nn.Module):
     """Base class. Subclasses set ``model_type`` and ``config_class`` and implement ``forward``
     with the Time-Series-Library signature ``forward(x_enc, x_mark_enc=None, x_dec=None,

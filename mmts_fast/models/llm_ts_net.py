@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmts_fast.models.base import CONFIG_NAME, WEIGHTS_NAME, ForecastModel, _atomic_write
+from mmts_fast.models.base import CONFIG_NAME, WEIGHTS_NAME, ForecastModel, _atomic_write, require_positive
 from mmts_fast.nn import GQAttention, RevIN
 
 __all__ = ["LLMTSNetConfig", "LLMTSNet", "PromptPool"]
@@ -100,11 +100,9 @@ class LLMTSNetConfig:
     n_time_features: int = 4           # accepted for TSLib compatibility; not used
 
     def __post_init__(self):
-        for name in ("lookback", "horizon", "channels", "patch_len", "d_model", "n_heads", "n_kv_heads",
-                     "n_layers", "d_ff", "pool_size", "pool_top_k", "prompt_len", "d_llm", "n_text_tokens",
-                     "text_lm_layers", "lora_rank"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"LLMTSNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "lookback", "horizon", "channels", "patch_len", "d_model", "n_heads",
+                         "n_kv_heads", "n_layers", "d_ff", "pool_size", "pool_top_k", "prompt_len", "d_llm",
+                         "n_text_tokens", "text_lm_layers", "lora_rank")
         if self.pool_top_k > self.pool_size:
             raise ValueError(f"pool_top_k={self.pool_top_k} is larger than pool_size={self.pool_size}")
         if self.n_heads % self.n_kv_heads:

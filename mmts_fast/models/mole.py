@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel
+from mmts_fast.models.base import ForecastModel, require_positive
 from mmts_fast.nn import MoLERouter, MultiExpertHeads, RevIN, SeriesDecomp
 
 
@@ -38,9 +38,7 @@ class MoLEConfig:
     windows: Optional[list] = None     # per-expert lookback windows (None: all experts see L)
 
     def __post_init__(self):
-        for name in ("lookback", "horizon", "channels", "n_experts", "n_time_features"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "lookback", "horizon", "channels", "n_experts", "n_time_features")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.windows is not None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel
+from mmts_fast.models.base import ForecastModel, require_positive
 from mmts_fast.nn import RevIN
 from mmts_fast.nn.routed import routed_swiglu
 
@@ -48,10 +48,8 @@ class MoMEConfig:
     n_time_features: int = 4          # accepted for TSLib compatibility; not used
 
     def __post_init__(self):
-        for name in ("lookback", "horizon", "channels", "patch_len", "d_model", "n_experts", "top_k",
-                     "n_layers", "n_instr", "d_llm"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"MoMEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "lookback", "horizon", "channels", "patch_len", "d_model", "n_experts",
+                         "top_k", "n_layers", "n_instr", "d_llm")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} is larger than n_experts={self.n_experts}")
 

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel
+from mmts_fast.models.base import ForecastModel, require_positive
 from mmts_fast.nn import RevIN
 from mmts_fast.nn.attention import GQAttention
 
@@ -85,10 +85,8 @@ class TimeLlaMAConfig:
     n_time_features: int = 4                # accepted for TSLib compatibility; not used
 
     def __post_init__(self):
-        for name in ("lookback", "horizon", "channels", "n_llm_layers", "n_heads", "max_prompt_tokens",
-                     "lora_rank", "top_n"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TimeLlaMAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "lookback", "horizon", "channels", "n_llm_layers", "n_heads",
+                         "max_prompt_tokens", "lora_rank", "top_n")
         if self.llm_dtype not in _DTYPES:
             raise ValueError(f"llm_dtype must be one of {sorted(_DTYPES)}, got {self.llm_dtype!r}")
         self.lora_targets = [str(t) for t in self.lora_targets]
