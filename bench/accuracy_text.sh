@@ -33,8 +33,14 @@ E=$DATA/ETT/ETTh1.csv
   T="--data $E --lookback 96 --horizon 96 --epochs 3 --seed 2021"
   echo "--model time_llama $T --llm-layers 2 --out $ROOT/llm_etth1/time_llama_fp32_s2021"
   echo "--model time_llama $T --llm-layers 2 --load-in-4bit --out $ROOT/llm_etth1/time_llama_nf4_s2021"
-  echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --out $ROOT/llm_etth1/llm_ts_net_text_s2021"
-  echo "--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed 2021 --no-text --out $ROOT/llm_etth1/llm_ts_net_notext_s2021"
+  # LLM-TS Net: SmolLM2 (2 layers) fine-tuned with LoRA-AMR on each window's timestamp text (the paper's
+  # path, the LM runs in every step), frozen MiniLM states of the ETTh1 description, and no text.
+  for S in 2021 2022 2023; do
+    N="--model llm_ts_net --data $E --lookback 336 --horizon 96 --epochs 3 --seed $S"
+    echo "$N --no-text --out $ROOT/llm_etth1/llm_ts_net_notext_s$S"
+    echo "$N --text-lm smollm2 --out $ROOT/llm_etth1/llm_ts_net_lm_s$S"
+    echo "$N --out $ROOT/llm_etth1/llm_ts_net_text_s$S"
+  done
   # ETTh1, L=512, H=720 (slow on a CPU): LeMoLE with its static prompt vs RLinear-MoLE.
   for S in 2021 2022 2023; do
     echo "--model lemole --data $E --lookback 512 --horizon 720 --seed $S --no-dynamic-prompt --out $ROOT/text_etth1/lemole_static_H720_s$S"

@@ -74,6 +74,7 @@ SHAPES = {
     "quick": [("smollm2", B, L, L, True) for B, L in ((1, 128), (1, 512), (4, 1024))]
              + [("cross", 8, lq, lk, False) for lq, lk in ((7, 128), (862, 128))],
     "tiny": [("smollm2", 1, 32, 32, True), ("cross", 2, 7, 16, False)],
+    "cross": [("cross", 8, lq, lk, False) for lq in (7, 64, 862) for lk in (32, 128, 512)],
 }
 
 # Peak numbers (dense), by substring of torch.cuda.get_device_name(); the first match wins.
@@ -186,7 +187,8 @@ def parse_args(argv=None):
     p.add_argument("--max-scores-gb", type=float, default=None,
                    help="skip reference/sdpa_math rows whose fp32 scores exceed this (default: 1/8 of the "
                         "GPU's memory on CUDA, 2 on CPU)")
-    p.add_argument("--shapes", default=None, choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    p.add_argument("--shapes", default=None, choices=sorted(SHAPES),
+                   help="shape group: full (default), quick (--quick), cross (cross-attention only), tiny")
     args = p.parse_args(argv)
     if args.shapes is None:
         args.shapes = "quick" if args.quick else "full"

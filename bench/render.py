@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Render expert_heads bench rows (JSON lines) as markdown.
+"""Render benchmark rows (JSON lines) as markdown.
 
-    python bench/render.py bench/results/expert_heads.jsonl [more.jsonl ...] > bench/results/expert_heads.md
+    python bench/render.py bench/results/expert_heads_cpu.jsonl > bench/results/expert_heads_cpu.md
+    python bench/render.py bench/results/lora_mixture_cpu.jsonl > bench/results/lora_mixture_cpu.md
+    python bench/render.py bench/results/gqa_attention_cpu.jsonl > bench/results/gqa_attention_cpu.md
 
-One table per (device, dtype, shape group); one line per (H, windows, mode) with the median ms of
-each impl and the speedup of k1 over each other impl (their median / k1's median: > 1 means k1 is
-faster). When a key (device, dtype, shape, B, L, C, H, M, windows, impl, mode) appears more than
-once, only the latest row counts (by ``date``, then by position in the files, later files last).
+Each file holds one benchmark (the rows' ``bench`` field: expert_heads, lora_mixture, gqa_attention).
+expert_heads: one table per (device, dtype, shape group); one line per (H, windows, mode) with the
+median ms of each impl and the speedup of k1 over each other impl (their median / k1's median: > 1
+means k1 is faster). lora_mixture / gqa_attention: the same layout keyed by their shape fields, with
+the speedup of k2 / k3. When a key appears more than once, only the latest row counts (by ``date``,
+then by position in the files, later files last).
 """
 from __future__ import annotations
 
@@ -31,8 +35,7 @@ def load(paths) -> list[dict]:
                 except json.JSONDecodeError as e:
                     print(f"warning: {p}:{n}: skipped, not JSON ({e})", file=sys.stderr)
                     continue
-                if row.get("bench", "expert_heads") == "expert_heads":
-                    rows.append(row)
+                rows.append(row)
     return rows
 
 
@@ -139,6 +142,51 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# Other benchmarks: (our impl, the fields that key a table line, a title).
+GENERIC = {
+    "lora_mixture": ("k2", ("d", "T"), "K2 grouped LoRA mixture (M=8, top-2, r=16)"),
+    "gqa_attention": ("k3", ("shape", "B", "Hq", "Hkv", "Lq", "Lk", "D", "causal"), "K3 grouped-query attention"),
+}
+
+
+def render_generic(rows: list[dict], bench: str) -> str:
+    ours, keys, title = GENERIC[bench]
+    best = {}
+    for pos, r in enumerate(rows):
+        key = (r.get("device"), r.get("dtype"), *(r.get(k) for k in keys), r["impl"], r["mode"])
+        if key not in best or (r.get("date") or "", pos) >= best[key][0]:
+            best[key] = ((r.get("date") or "", pos), r)
+    rows = [r for _, r in sorted(best.values(), key=lambda t: t[0][1])]
+    out = [f"# {title} benchmark", "",
+           f"Median wall time in ms per call; `{ours} vs X` = X's median / {ours}'s median (> 1: {ours} is faster).",
+           "`fwd` under `torch.no_grad()`; `fwd+bwd` = forward + `torch.autograd.grad` (see the script's docstring).",
+           ""]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.get("device"), r.get("dtype")), []).append(r)
+    for (device, dtype), grp in groups.items():
+        impls = list(dict.fromkeys([ours] + [r["impl"] for r in grp]))
+        others = [i for i in impls if i != ours]
+        dates = sorted(r.get("date") or "" for r in grp)
+        loads = [r["loadavg"] for r in grp if r.get("loadavg") is not None]
+        out += [f"## {device} - {dtype}", "",
+                f"{ours} backend: {', '.join(sorted({r.get('backend') or '?' for r in grp if r['impl'] == ours}))}; "
+                f"torch {grp[0].get('torch')}; runs {dates[0][:16]} .. {dates[-1][:16]}"
+                + (f"; load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""), ""]
+        head = [*keys, "mode", *(f"{i} ms" for i in impls), *(f"{ours} vs {i}" for i in others)]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---:"] * len(head)) + "|")
+        by = {(tuple(r.get(k) for k in keys), r["mode"], r["impl"]): r for r in grp}
+        lines = list(dict.fromkeys((tuple(r.get(k) for k in keys), r["mode"]) for r in grp))
+        for kv, mode in lines:
+            mine = by.get((kv, mode, ours))
+            cells = [str(v) for v in kv] + [mode] + [_ms(by.get((kv, mode, i))) for i in impls]
+            cells += [_ratio(by.get((kv, mode, i)), mine) for i in others]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -147,7 +195,12 @@ def main(argv=None) -> str:
     for p in argv:
         if not Path(p).exists():
             raise SystemExit(f"no such file: {p}")
-    text = render(load(argv))
+    rows = load(argv)
+    kinds = {r.get("bench", "expert_heads") for r in rows}
+    if len(kinds) > 1:
+        raise SystemExit(f"rows of several benchmarks ({', '.join(sorted(kinds))}): render one at a time")
+    kind = kinds.pop() if kinds else "expert_heads"
+    text = render_generic(rows, kind) if kind in GENERIC else render(rows)
     print(text)
     return text
 

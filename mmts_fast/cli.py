@@ -84,9 +84,13 @@ def cmd_train(args) -> dict:
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
             "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
             "text": None}
+    if args.text_lm and (klass.model_type != "llm_ts_net" or args.no_text):
+        raise SystemExit("error: --text-lm is for --model llm_ts_net with text (its LoRA-AMR fine-tuned LM)")
     if text_model and not args.no_text:
         spec["text"] = {"encoder": args.text_encoder, "layers": args.text_layers, "load_in_4bit": args.load_in_4bit,
                         "static_prompt": args.static_prompt, "cache_dir": args.cache_dir, "progress": not args.quiet}
+        if args.text_lm:
+            spec["text"]["text_lm"] = args.text_lm
     if args.data is None:
         print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
     try:
@@ -101,6 +105,8 @@ def cmd_train(args) -> dict:
                              channel_independent=False if args.channel_mixing else None)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
+    if args.text_lm:
+        options.update(text_lm=args.text_lm, text_lm_layers=args.text_layers)
     if args.no_dynamic_prompt:
         options.update(use_dynamic=False)
     if klass.model_type == "time_llama":   # LLM backbone; the prompt is the data set's description
@@ -229,7 +235,10 @@ def cmd_export(args) -> float:
         cfg = model.config
         x, xm = torch.randn(16, cfg.lookback, cfg.channels), torch.rand(16, cfg.lookback, cfg.n_time_features) - 0.5
         extra = {}
-    export_onnx(model, out, extra_inputs={k: v[:2] for k, v in extra.items()} or None)
+    try:
+        export_onnx(model, out, extra_inputs={k: v[:2] for k, v in extra.items()} or None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     err = verify_onnx(model, out, x, xm, atol=args.atol, extra_inputs=extra or None)
     print(f"exported {out}; ONNX Runtime vs PyTorch max abs error {err:.2e} (batch {x.shape[0]}, tolerance {args.atol:g})")
     return err
@@ -274,6 +283,9 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g = p.add_argument_group("text (lemole, mome, llm_ts_net)")
     g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
     g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")
+    g.add_argument("--text-lm", default=None, help="LLM-TS Net: fine-tune this LM (smollm2 or a folder) with "
+                   "LoRA-AMR on each window's own text; it runs in every step (--text-layers K, default 2); "
+                   "default: frozen cached --text-encoder states")
     g.add_argument("--load-in-4bit", action="store_true", help="NF4 (bitsandbytes) text encoder / Time-LlaMA backbone")
     g.add_argument("--static-prompt", default=None, help="dataset description: text, a .txt file or a data set name")
     g.add_argument("--cache-dir", default=None, help="embedding cache (default $MMTS_FAST_CACHE or "

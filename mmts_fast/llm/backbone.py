@@ -34,7 +34,7 @@ from torch import nn
 
 from mmts_fast.text.encoders import BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4
 
-__all__ = ["load_backbone", "weight_stats", "memory_report"]
+__all__ = ["load_backbone", "load_tokenizer", "weight_stats", "memory_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,22 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path, str | None, str]:
             return p, ggufs[0].name, name
         raise FileNotFoundError(f"{p}: no config.json and not exactly one .gguf file ({[g.name for g in ggufs]})")
     raise ValueError(f"unknown backbone {name!r}: use 'smollm2', a Hugging Face model folder or a .gguf file")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "smollm2"):
+    """The tokenizer of a backbone named as for :func:`load_backbone` (offline; a GGUF file's own
+    vocabulary). Sets a pad token (EOS) when the model has none."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    path, gguf, _ = _resolve(name_or_path)
+    kwargs: dict[str, Any] = dict(local_files_only=True)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
 
 
 def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | None = None,

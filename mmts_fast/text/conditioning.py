@@ -9,7 +9,10 @@ keyword inputs. Training never runs the LLM per batch.
   text each window may see (the description before the first one); ``dynamic_emb [B, L, d]``: one
   AutoTimes-style timestamp prompt per lookback step.
 - MoME and LLM-TS Net (its frozen-encoder variant): ``text_hidden [B, T, d]`` and ``text_mask [B, T]``:
-  the token states of the same static text.
+  the token states of the same static text (on ETT-style data: the description, the same for every window).
+- LLM-TS Net with ``spec["text_lm"]`` (its LoRA-AMR fine-tuned LM, which runs in every step by design):
+  ``text_ids [B, T]`` and ``text_mask [B, T]`` of each window's own text (Time-MMD record, or the
+  window's timestamps + description).
 """
 from __future__ import annotations
 
@@ -39,7 +42,11 @@ def describe(spec: dict, data_name: Optional[str], columns: list) -> str:
 
 
 def attach_text(model_type: str, splits: list, table, texts, spec: dict, data_name: Optional[str]) -> int:
-    """Sets ``extras`` on every split for ``model_type``; returns the embedding width d_llm."""
+    """Sets ``extras`` on every split for ``model_type``; returns the embedding width d_llm (None for
+    LLM-TS Net with ``spec["text_lm"]``: its LM sets it)."""
+    if model_type == "llm_ts_net" and spec.get("text_lm"):
+        _attach_text_ids(splits, table, texts, spec, describe(spec, data_name, splits[0].columns))
+        return None
     encoder = make_encoder(spec)
     cache = EmbeddingCache(spec.get("cache_dir"))
     progress = spec.get("progress", True)
@@ -59,6 +66,25 @@ def attach_text(model_type: str, splits: list, table, texts, spec: dict, data_na
     else:
         raise ValueError(f"model {model_type!r} takes no text; text models: {sorted(TEXT_MODELS)}")
     return encoder.dim
+
+
+def _attach_text_ids(splits: list, table, texts, spec: dict, desc: str) -> None:
+    """LLM-TS Net with its LoRA-AMR fine-tuned LM (``spec["text_lm"]``): the LM runs in every training
+    step, so each window gets the token ids of its own text (:func:`~mmts_fast.text.tokens.window_texts`:
+    the Time-MMD record it may see, else its timestamps followed by the description)."""
+    from mmts_fast.llm import load_tokenizer
+    from mmts_fast.text.tokens import token_inputs, window_texts
+
+    tok = load_tokenizer(spec["text_lm"])
+    for s in splits:
+        ids, mask = token_inputs(window_texts(s, table, texts, desc), tok, max_length=spec.get("max_tokens", 64))
+        s.extras = _token_extras(ids, mask)
+
+
+def _token_extras(ids: torch.Tensor, mask: torch.Tensor):
+    def extras(indices: torch.Tensor) -> dict:
+        return {"text_ids": ids[indices], "text_mask": mask[indices]}
+    return extras
 
 
 def _text_index(split, indices: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,33 @@ def test_window_texts_and_tokens():
     assert ids.shape == mask.shape == (len(t2), 2) and ids.dtype == torch.long and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [len(s.split()[:3]) for s in t2]
     assert (ids[~mask] == 1).all()                                            # EOS pads when there is no pad
+
+
+def test_cli_trains_the_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`mmts-fast train --model llm_ts_net --text-lm LM`: each window's own text as token ids, the LM with
+    LoRA-AMR trains, eval reloads the LM from its folder, export refuses with a clear message."""
+    import mmts_fast.llm
+    from mmts_fast.cli import main
+    from mmts_fast.models import ForecastModel
+
+    monkeypatch.setattr(mmts_fast.llm, "load_tokenizer", lambda name: _WordTokenizer())
+    out = tmp_path / "run"
+    args = ["--model", "llm_ts_net", "--text-lm", tiny_llama, "--lookback", "24", "--horizon", "12",
+            "--epochs", "1", "--batch-size", "256", "--quiet", "--out", str(out)]
+    main(["train", *args])
+    m = ForecastModel.from_pretrained(out)
+    assert m.config.text_lm == tiny_llama and m.config.d_llm == 64 and m.text_lm is not None
+    c_after = dict((n, p) for n, p in m.named_parameters() if n.endswith("lora_C"))
+    assert c_after and any(p.abs().sum() > 0 for p in c_after.values())        # C starts at zero, then trains
+
+    from mmts_fast.cli import _load_spec, build_datasets
+    _, _, test, _ = build_datasets(_load_spec(out))
+    batch = test.extras(torch.arange(2))
+    assert set(batch) == {"text_ids", "text_mask"}
+    assert not torch.equal(batch["text_ids"][0], batch["text_ids"][1])        # per-window (timestamp) texts
+    main(["eval", str(out)])
+    assert "test  mse" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not export to ONNX"):
+        main(["export", str(out)])
+    with pytest.raises(SystemExit, match="--text-lm is for --model llm_ts_net"):
+        main(["train", "--model", "mome", "--text-lm", tiny_llama, "--out", str(tmp_path / "x")])
