@@ -327,13 +327,17 @@ if HAS_TRITON:
         """Round fp32 values to dtype code 0 fp32, 1 bf16, 2 fp16 (the NF4 tensor's dequantised dtype),
         to nearest even. bf16 by hand on the bits (finite values): the interpreter's fp32 -> bf16 cast
         truncates, and bitsandbytes / PyTorch round to nearest even."""
+        # one return statement: Triton's code generator rejects returns of different types (the
+        # interpreter does not), even under constexpr conditions
         if CODE == 1:
             bits = v.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        if CODE == 2:
-            return v.to(tl.float16)
-        return v
+            out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        elif CODE == 2:
+            out = v.to(tl.float16)
+        else:
+            out = v
+        return out
 
     @triton.jit
     def _nf4_dequant_kernel(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N,

@@ -191,3 +191,22 @@ def test_import_does_not_load_triton():
     code = "import sys, mmts_fast; assert 'triton' not in sys.modules, 'triton imported'; " \
            "import torch; assert not torch.cuda.is_initialized()"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every K1 kernel goes through Triton's real code generator and ptxas (sm_90), fp32 and bf16,
+    with every optional feature on (the interpreter alone never compiles them)."""
+    from conftest import DEVICE, compile_for_sm90
+    from mmts_fast.kernels import expert_heads as k1
+    if DEVICE == "cuda":
+        pytest.skip("compiled for real by the other tests")
+    f32 = ("mean_ptr", "std_ptr", "z_ptr", "dx_ptr", "dgp_ptr", "dw_ptr", "db_ptr")
+    cases = []
+    for ptr, prec in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "ieee")):
+        for name in ("_expert_heads_fwd", "_expert_heads_bwd_dx", "_expert_heads_bwd_dw"):
+            consts = dict(PREC=prec, UPCAST=False, BLOCK_N=k1.BLOCK_N, BLOCK_H=k1.BLOCK_H, BLOCK_K=k1.BLOCK_K)
+            cases.append(dict(kernel=name, consts=consts, ptr=ptr,
+                              ptrs={**{p: "*fp32" for p in f32}, "starts_ptr": "*i32"}, scalars={}))
+    out = compile_for_sm90("mmts_fast.kernels.expert_heads", cases)
+    assert out.count(" ok") == len(cases), out

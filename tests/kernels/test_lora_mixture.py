@@ -371,3 +371,34 @@ def test_lora_amr_with_no_selected_expert(backend):
     torch.testing.assert_close(y, x @ w.t())
     assert (c.grad == 0).all()
     torch.testing.assert_close(x.grad, torch.ones(5, 16, device=DEVICE) @ w)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every K2 kernel (NF4 dequant, dense and NF4 base matmul, shrink, expand, grouped outer product)
+    goes through Triton's real code generator and ptxas (sm_90) in fp32 and bf16."""
+    from conftest import DEVICE, compile_for_sm90
+    from mmts_fast.kernels import lora_mixture as k2
+    if DEVICE == "cuda":
+        pytest.skip("compiled for real by the other tests")
+    i32 = {p: "*i32" for p in ("rows_ptr", "tstart_ptr", "tend_ptr", "texp_ptr", "eptr_ptr")}
+    nf4 = {"q_ptr": "*u8", "w_ptr": "*u8", "absmax_ptr": "*u8",
+           **{p: "*fp32" for p in ("code_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr")}}
+    f32 = {p: "*fp32" for p in ("u_ptr", "coef_ptr", "small_ptr", "y_ptr")}
+    cases = []
+    for ptr, code in (("*fp32", 0), ("*bf16", 1)):
+        nf4_consts = dict(BLOCKSIZE=64, BLOCKSIZE2=256)
+        cases.append(dict(kernel="_nf4_dequant_kernel", ptr=ptr, ptrs=nf4,
+                          consts=dict(nf4_consts, CODE=code, BLOCK=k2.DEQUANT_BLOCK)))
+        tiles = dict(PREC="ieee", UPCAST=False, BLOCK_T=k2.BLOCK_T, BLOCK_N=k2.BLOCK_N, BLOCK_K=k2.BLOCK_K,
+                     BLOCK_R=16, BLOCK_D=k2.BLOCK_D)
+        for is_nf4 in (True, False):
+            cases.append(dict(kernel="_lora_base_mm", ptr=ptr, ptrs=nf4 if is_nf4 else {},
+                              consts=dict(tiles, **nf4_consts, WCODE=code, NF4=is_nf4, NESTED=is_nf4)))
+        for block_p in (16, 64):
+            for name in ("_lora_shrink", "_lora_expand", "_lora_grouped_outer"):
+                out = {"u_ptr" if name == "_lora_shrink" else "out_ptr": "*fp32"}
+                cases.append(dict(kernel=name, ptr=ptr, ptrs={**i32, **f32, **out},
+                                  consts=dict(tiles, BLOCK_P=block_p)))
+    out = compile_for_sm90("mmts_fast.kernels.lora_mixture", cases)
+    assert out.count(" ok") == len(cases), out
