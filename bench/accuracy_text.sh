@@ -20,6 +20,7 @@ E=$DATA/ETT/ETTh1.csv
         echo "--model $M $C --no-text --out $ROOT/text_$D/${M}_notext_s$S"
       done
       echo "--model rlinear_mole $C --head-dropout 0.2 --lr 0.001 --out $ROOT/text_$D/rlinear_mole_s$S"
+      echo "--model time_llama $C --llm-layers 2 --out $ROOT/text_$D/time_llama_s$S"
     done
   done
   # ETTh1, L=512, H=96: LeMoLE with and without text vs RLinear-MoLE.

@@ -255,9 +255,12 @@ def test_cli_trains_the_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch, caps
     from mmts_fast.models import ForecastModel
 
     monkeypatch.setattr(mmts_fast.llm, "load_tokenizer", lambda name: _WordTokenizer())
+    csv = tmp_path / "toy.csv"
+    csv.write_text("date,a,OT\n" + "".join(f"2020-01-{1 + i // 24:02d} {i % 24:02d}:00:00,{i % 7},{(i * 3) % 11}\n"
+                                           for i in range(300)))
     out = tmp_path / "run"
-    args = ["--model", "llm_ts_net", "--text-lm", tiny_llama, "--lookback", "24", "--horizon", "12",
-            "--epochs", "1", "--batch-size", "256", "--quiet", "--out", str(out)]
+    args = ["--model", "llm_ts_net", "--text-lm", tiny_llama, "--data", str(csv), "--lookback", "24",
+            "--horizon", "12", "--epochs", "1", "--batch-size", "32", "--quiet", "--out", str(out)]
     main(["train", *args])
     m = ForecastModel.from_pretrained(out)
     assert m.config.text_lm == tiny_llama and m.config.d_llm == 64 and m.text_lm is not None
