@@ -43,17 +43,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Timer, device_name, rel_err, setup_device, split_choices,  # noqa: E402
-                      time_stats, time_step)
+from benchlib import (Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+                      split_choices)
 import torch.nn.functional as F
 
 import mmts_fast
@@ -212,6 +212,7 @@ def main(argv=None) -> list[dict]:
     min_reps = 3 if quick else 5
     max_reps = (50 if quick else 200) if cuda else (10 if quick else 30)
     fixed_reps = args.reps if args.reps else (2 if tiny else None)
+    timing = dict(warmup=warmup, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     if args.max_scores_gb is not None:
         max_scores = args.max_scores_gb * 1e9
@@ -248,8 +249,9 @@ def main(argv=None) -> list[dict]:
         with torch.no_grad(), mmts_fast.use_backend("auto"):
             out_k3 = mmts_fast.ops.gqa_attention(q, k, v, causal=causal)
         scores_bytes = 4 * B * HQ * Lq * Lk
+        rel_errs = {}
         for impl in args.impls:
-            err, fn, label, check = None, None, None, None
+            err, fn, label = None, None, None
             try:
                 fn, label = build_impl(impl, q, causal)
                 if impl in MATERIALISE and scores_bytes > max_scores:
@@ -271,30 +273,13 @@ def main(argv=None) -> list[dict]:
                     "torch": torch.__version__, "triton": triton_version,
                 }
                 if err is None:
-                    try:
-                        if check is None:   # once per impl, outside timing
-                            with torch.no_grad():
-                                check = rel_err(fn(q, k, v), out_k3)
-                        row["rel_err_vs_k3"] = check
-                        if check > tol:
-                            raise RuntimeError(f"output differs from k3: rel err {check:.2e} > {tol:g}")
-                        step = make_step(mode, fn, q, k, v, dout)
-                        times, reps = time_step(step, timer, warmup=warmup, budget_s=budget_s, min_reps=min_reps,
-                                                max_reps=max_reps, fixed_reps=fixed_reps)
-                        row.update(time_stats(times))
-                        med = row["median_ms"]
-                        row.update(reps=reps, warmup=warmup, tflops=row["model_flops"] / (med * 1e-3) / 1e12)
-                        if cuda:
-                            row.update(peak_tflops=peak, frac_peak_flops=row["tflops"] / peak if peak else None)
-                    except Exception as e:  # noqa: BLE001 - a failed row is data, not a crash
-                        msg = f"{type(e).__name__}: {e}"
-                        row["error"] = msg[:2000]
-                        if impl in CPU_IMPLS and "differs from k3" not in msg:
-                            print(f"# unexpected failure in {impl}: {msg.splitlines()[0]}", file=sys.stderr)
+                    measure_row(row, make_step(mode, fn, q, k, v, dout), timer, timing,
+                                cost=(None, row["model_flops"]), peaks=(None, peak), ours="k3", expected=out_k3,
+                                output=partial(fn, q, k, v), rel_errs=rel_errs, tol=tol,
+                                quiet=impl not in CPU_IMPLS)
                 else:
                     row["error"] = err[:2000]
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(out, row)
                 rows.append(row)
                 print_row(row, i, n_rows)
         del q, k, v, dout, out_k3

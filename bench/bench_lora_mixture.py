@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Timer, device_name, rel_err, setup_device, split_choices,  # noqa: E402
-                      time_stats, time_step)
+from benchlib import (Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+                      split_choices)
 from torch import nn
 
 import mmts_fast
@@ -274,6 +274,7 @@ def main(argv=None) -> list[dict]:
     min_reps = 3 if quick else 5
     max_reps = (50 if quick else 200) if cuda else (10 if quick else 30)
     fixed_reps = args.reps if args.reps else (2 if tiny else None)
+    timing = dict(warmup=warmup, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
     tol = 1e-3 if dtype == torch.float32 else 3e-2
 
     try:
@@ -317,8 +318,9 @@ def main(argv=None) -> list[dict]:
             y_k2 = ops.lora_mixture(x, weight, bias, lora_a, lora_b, gates, SCALE)
         dy = torch.randn(y_k2.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
         cost = cost_model(T, d, k_used, esize)
+        rel_errs = {}
         for impl in args.impls:
-            err, fn, params, label, check = None, None, [], None, None
+            err, fn, params, label = None, None, [], None
             try:
                 fn, params, label = build_impl(impl, weight, bias, lora_a, lora_b, compiled_ref)
             except Exception as e:  # noqa: BLE001 - record, don't crash
@@ -337,41 +339,14 @@ def main(argv=None) -> list[dict]:
                     "torch": torch.__version__, "triton": triton_version,
                 }
                 if err is None:
-                    try:
-                        step = make_step(mode, fn, x, gates, params, dy)
-                        if impl == "compiled_reference":
-                            t0 = time.perf_counter()
-                            step()          # compile for this shape and grad mode
-                            timer.sync()
-                            row["compile_s"] = round(time.perf_counter() - t0, 2)
-                        if impl != "base_only":
-                            if check is None:   # once per impl, outside timing
-                                with torch.no_grad():
-                                    check = rel_err(fn(x, gates), y_k2)
-                            row["rel_err_vs_k2"] = check
-                            if check > tol:
-                                raise RuntimeError(f"output differs from k2: rel err {check:.2e} > {tol:g}")
-                        times, reps = time_step(step, timer, warmup=warmup, budget_s=budget_s,
-                                                min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
-                        row.update(time_stats(times))
-                        med = row["median_ms"]
-                        row.update(reps=reps, warmup=warmup)
-                        nbytes, flops = cost[mode]
-                        row.update(model_bytes=nbytes, model_flops=flops,
-                                   gbps=nbytes / (med * 1e-3) / 1e9, tflops=flops / (med * 1e-3) / 1e12)
-                        if cuda:
-                            row.update(peak_gbps=peak_gbps, peak_tflops=peak_tflops,
-                                       frac_peak_bw=row["gbps"] / peak_gbps if peak_gbps else None,
-                                       frac_peak_flops=row["tflops"] / peak_tflops if peak_tflops else None)
-                    except Exception as e:  # noqa: BLE001 - a failed row is data, not a crash
-                        msg = f"{type(e).__name__}: {e}"
-                        row["error"] = msg[:2000]
-                        if impl != "compiled_reference" and "differs from k2" not in msg:
-                            print(f"# unexpected failure in {impl}: {msg.splitlines()[0]}", file=sys.stderr)
+                    measure_row(row, make_step(mode, fn, x, gates, params, dy), timer, timing,
+                                cost=cost[mode], peaks=(peak_gbps, peak_tflops), ours="k2", expected=y_k2,
+                                output=None if impl == "base_only" else partial(fn, x, gates),
+                                rel_errs=rel_errs, tol=tol,
+                                compiled=impl == "compiled_reference", quiet=impl == "compiled_reference")
                 else:
                     row["error"] = err[:2000]
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(out, row)
                 rows.append(row)
                 print_row(row, i, n_rows)
         del x, weight, bias, lora_a, lora_b, gates, y_k2, dy

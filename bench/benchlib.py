@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmark scripts: device names, timing, simple statistics."""
+"""Helpers shared by the benchmark scripts: device names, timing, simple statistics, measuring rows."""
 from __future__ import annotations
 
+import json
 import platform
+import sys
 import time
 
 import torch
@@ -99,3 +101,60 @@ def setup_device(args) -> torch.device:
 def time_stats(times: list[float]) -> dict:
     """Median and 20th/80th percentiles of timings in ms."""
     return dict(median_ms=percentile(times, 50), p20_ms=percentile(times, 20), p80_ms=percentile(times, 80))
+
+
+def measure_row(row: dict, step, timer: Timer, timing: dict, *, cost: tuple, peaks: tuple, ours: str,
+                expected: torch.Tensor, output, rel_errs: dict, tol: float, compiled: bool = False,
+                quiet: bool = False) -> None:
+    """Measures one (impl, mode) row of a kernel benchmark; fills ``row`` in place, never raises.
+
+    step: the call to time. timing: warmup, budget_s, min_reps, max_reps, fixed_reps for ``time_step``.
+    compiled: the first call compiles (torch.compile); its wall time goes into ``compile_s``.
+    output: () -> this impl's output, compared once per impl (the result kept in ``rel_errs``, keyed by
+        impl) against ``expected``, the output of our kernel ``ours``, into ``rel_err_vs_<ours>``; above
+        ``tol`` the row fails. None: not compared (an impl that computes something else).
+    cost: (model bytes, model flops) -> ``gbps``, ``tflops``; bytes None where only flops are modelled.
+    peaks: (peak GB/s, peak TFLOP/s), recorded with the fractions of them on CUDA.
+    A failure is recorded in ``row["error"]``; one that is not expected (not a mismatch against ours,
+    not a ``quiet`` impl) is also printed to stderr.
+    """
+    try:
+        if compiled:
+            t0 = time.perf_counter()
+            step()          # compile for this shape and grad mode
+            timer.sync()
+            row["compile_s"] = round(time.perf_counter() - t0, 2)
+        if output is not None:
+            impl = row["impl"]
+            if impl not in rel_errs:    # once per impl, outside timing
+                with torch.no_grad():
+                    rel_errs[impl] = rel_err(output(), expected)
+            check = row[f"rel_err_vs_{ours}"] = rel_errs[impl]
+            if check > tol:
+                raise RuntimeError(f"output differs from {ours}: rel err {check:.2e} > {tol:g}")
+        times, reps = time_step(step, timer, **timing)
+        row.update(time_stats(times))
+        row.update(reps=reps, warmup=timing["warmup"])
+        nbytes, flops = cost
+        sec = row["median_ms"] * 1e-3
+        # two updates each below, so the keys keep the order of the rows in bench/results/
+        if nbytes is not None:
+            row.update(model_bytes=nbytes, model_flops=flops, gbps=nbytes / sec / 1e9)
+        row.update(model_flops=flops, tflops=flops / sec / 1e12)
+        if timer.cuda:
+            peak_gbps, peak_tflops = peaks
+            if nbytes is not None:
+                row.update(peak_gbps=peak_gbps, peak_tflops=peak_tflops,
+                           frac_peak_bw=row["gbps"] / peak_gbps if peak_gbps else None)
+            row.update(peak_tflops=peak_tflops, frac_peak_flops=row["tflops"] / peak_tflops if peak_tflops else None)
+    except Exception as e:  # noqa: BLE001 - a failed row is data, not a crash
+        msg = f"{type(e).__name__}: {e}"
+        row["error"] = msg[:2000]
+        if not quiet and f"differs from {ours}" not in msg:
+            print(f"# unexpected failure in {row['impl']}: {msg.splitlines()[0]}", file=sys.stderr)
+
+
+def append_row(out, row: dict) -> None:
+    """Appends ``row`` as one JSON line to the file ``out``."""
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
