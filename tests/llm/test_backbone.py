@@ -137,3 +137,18 @@ def test_smollm2_nf4_dlora(smol):
         assert ((state.last_gates[1] != 0).sum(1) == 2).all()
     finally:
         state.remove()
+
+
+def test_smollm2_tokenizer(smol):
+    """load_tokenizer: the GGUF file's own vocabulary, offline, with a pad token; the ids index the
+    backbone's embedding table (what LLM-TS Net's --text-lm path feeds it)."""
+    from mmts_fast.llm import load_tokenizer
+    (model, _), _ = smol
+    tok = load_tokenizer("smollm2")
+    assert tok.pad_token_id is not None
+    enc = tok(["This is Time Series from 2016-07-01 00:00 to 2016-07-15 23:00.", "short"], padding=True)
+    ids = torch.tensor(enc["input_ids"])
+    assert ids.shape[0] == 2 and int(ids.max()) < model.embed_tokens.num_embeddings
+    assert torch.tensor(enc["attention_mask"]).sum(1).tolist()[1] < ids.shape[1]      # the short one is padded
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_tokenizer("no-such-model")
