@@ -142,11 +142,6 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
         The path written. Which exporter was used (``dynamo``, else the TorchScript fallback) is
         logged at INFO level on the ``mmts_fast.export.onnx`` logger (the fallback's reason at WARNING).
     """
-    if getattr(model, "text_lm", None) is not None:
-        raise ValueError(f"{type(model).__name__} with a fine-tuned text LM (config.text_lm="
-                         f"{model.config.text_lm!r}) does not export to ONNX: the Hugging Face LM with its "
-                         "LoRA-AMR adapters does not trace; export the frozen-encoder variant (text_lm=None, "
-                         "text_hidden inputs) instead")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args, extras = _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs)

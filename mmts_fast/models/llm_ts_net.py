@@ -39,10 +39,10 @@ pooling of no key (K3 gives zeros: a constant ``H_text``, never NaN). Two ways i
   ``D x`` (r/2 values per token) for the adapters' backward, but the frozen layers' own activations
   are still kept. Saved models hold the LoRA-AMR factors (C, D, B) but never the frozen base LM
   weights: :meth:`LLMTSNet.from_pretrained` reloads those from ``config.text_lm`` (which must still
-  be there).
+  be there). Its ONNX export includes the LM's K layers and embedding table (inputs ``text_ids``,
+  ``text_mask``).
 - ``text_lm=None``: precomputed frozen hidden states ``text_hidden [B, T, d_llm]`` + ``text_mask``
-  (e.g. :class:`~mmts_fast.text.TextEncoder` token states, cached): only the pooling trains. This is
-  the variant that exports to ONNX.
+  (e.g. :class:`~mmts_fast.text.TextEncoder` token states, cached): only the pooling trains.
 
 ``use_text=False`` is the same model without the text branch and without the fusion (ablation).
 """

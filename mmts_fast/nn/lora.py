@@ -207,9 +207,10 @@ class LoRAMixtureLinear(nn.Module):
         weight = None if split else self._op_weight()
         bias = None if split else self.base.bias
         xl = self.dropout(x) if split else x
-        if self.amr and not bool(g.ne(0).any()):
+        if self.amr and not torch.compiler.is_compiling() and not bool(g.ne(0).any()):
             # no token selects this module: the base alone (lora_amr's torch backward cannot take an
-            # empty selection); D and B (frozen buffers) only stand in for A and B, with zero gates
+            # empty selection); D and B (frozen buffers) only stand in for A and B, with zero gates.
+            # (Not while tracing for export: a data-dependent branch; the traced path has no backward.)
             M, r2 = self.n_experts, self.rank_inner
             y = ops.lora_mixture(xl, weight, bias, self.lora_D.expand(M, r2, self.in_features),
                                  self.lora_B[:, :, :r2], g, self.scale)

@@ -249,7 +249,7 @@ def test_window_texts_and_tokens():
 
 def test_cli_trains_the_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch, capsys):
     """`mmts-fast train --model llm_ts_net --text-lm LM`: each window's own text as token ids, the LM with
-    LoRA-AMR trains, eval reloads the LM from its folder, export refuses with a clear message."""
+    LoRA-AMR trains, eval reloads the LM from its folder, the ONNX export (LM included) matches in ORT."""
     import mmts_fast.llm
     from mmts_fast.cli import main
     from mmts_fast.models import ForecastModel
@@ -274,7 +274,8 @@ def test_cli_trains_the_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch, caps
     assert not torch.equal(batch["text_ids"][0], batch["text_ids"][1])        # per-window (timestamp) texts
     main(["eval", str(out)])
     assert "test  mse" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="does not export to ONNX"):
-        main(["export", str(out)])
+    main(["export", str(out), "--out", str(tmp_path / "m.onnx")])         # the LM with LoRA-AMR traces too
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "max abs error" in ln][0]
+    assert float(line.split("max abs error ")[1].split()[0]) <= 1e-4
     with pytest.raises(SystemExit, match="--text-lm is for --model llm_ts_net"):
         main(["train", "--model", "mome", "--text-lm", tiny_llama, "--out", str(tmp_path / "x")])
