@@ -31,9 +31,11 @@ E=$DATA/ETT/ETTh1.csv
     echo "--model rlinear_mole --data $E --lookback 512 --horizon 96 --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H96_s$S"
   done
   # Time-LlaMA on SmolLM2 (first 2 layers), ETTh1 L=96 H=96, fp32 vs NF4 backbone; LLM-TS Net with/without text.
-  T="--data $E --lookback 96 --horizon 96 --epochs 3 --seed 2021"
-  echo "--model time_llama $T --llm-layers 2 --out $ROOT/llm_etth1/time_llama_fp32_s2021"
-  echo "--model time_llama $T --llm-layers 2 --load-in-4bit --out $ROOT/llm_etth1/time_llama_nf4_s2021"
+  for S in 2021 2022 2023; do
+    T="--data $E --lookback 96 --horizon 96 --epochs 3 --seed $S"
+    echo "--model time_llama $T --llm-layers 2 --out $ROOT/llm_etth1/time_llama_fp32_s$S"
+    echo "--model time_llama $T --llm-layers 2 --load-in-4bit --out $ROOT/llm_etth1/time_llama_nf4_s$S"
+  done
   # LLM-TS Net: SmolLM2 (2 layers) fine-tuned with LoRA-AMR on each window's timestamp text (the paper's
   # path, the LM runs in every step), frozen MiniLM states of the ETTh1 description, and no text.
   for S in 2021 2022 2023; do
