@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+from benchlib import (Table, Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
                       split_choices)
 from torch import nn
 
@@ -205,36 +205,9 @@ def make_step(mode, fn, x, gates, params, dy):
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-COLS = [("impl", 18), ("backend", 8), ("mode", 7), ("shape", 10), ("H", 4), ("windows", 16),
-        ("median_ms", 10), ("p20_ms", 9), ("p80_ms", 9), ("reps", 4)]
-
-
-LEFT = ("impl", "backend", "mode", "shape")
-
-
-def _fmt(row, key, width):
-    v = row.get(key)
-    if key == "windows" and isinstance(v, list):
-        v = ",".join(str(w) for w in v)
-    elif isinstance(v, float):
-        v = f"{v:.3f}"
-    s = "-" if v is None else str(v)
-    return s[:width].ljust(width) if key in LEFT else s[:width].rjust(width)
-
-
-def print_header():
-    print("          " + " ".join(_fmt({k: k}, k, w) for k, w in COLS) + "  extra", flush=True)
-
-
-def print_row(row, i, n):
-    extra = []
-    if row.get("error"):
-        extra.append("ERROR: " + row["error"].splitlines()[0][:80])
-    if row.get("tflops") is not None and row.get("device_type") == "cuda":
-        extra.append(f"{row['gbps']:.0f} GB/s {row['tflops']:.2f} TFLOP/s")
-    if row.get("compile_s") is not None:
-        extra.append(f"compile {row['compile_s']:.1f}s")
-    print(f"[{i:3d}/{n}] " + " ".join(_fmt(row, k, w) for k, w in COLS) + "  " + "; ".join(extra), flush=True)
+TABLE = Table([("impl", 18), ("backend", 8), ("mode", 7), ("shape", 10), ("H", 4), ("windows", 16),
+               ("median_ms", 10), ("p20_ms", 9), ("p80_ms", 9), ("reps", 4)],
+              left=("impl", "backend", "mode", "shape"))
 
 
 def parse_args(argv=None):
@@ -306,7 +279,7 @@ def main(argv=None) -> list[dict]:
     if not cuda:
         print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
               f"load average {os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
-    print_header()
+    TABLE.header()
 
     rows, i = [], 0
     t_start = time.perf_counter()
@@ -347,7 +320,7 @@ def main(argv=None) -> list[dict]:
                     row["error"] = err[:2000]
                 append_row(out, row)
                 rows.append(row)
-                print_row(row, i, n_rows)
+                TABLE.row(row, i, n_rows)
         del x, weight, bias, gates, y_k1, dy
         if cuda:
             torch.cuda.empty_cache()

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+from benchlib import (Table, Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
                       split_choices)
 import torch.nn.functional as F
 
@@ -150,22 +150,9 @@ def make_step(mode, fn, q, k, v, dout):
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-COLS = [("impl", 14), ("backend", 9), ("mode", 7), ("shape", 8), ("B", 2), ("Lq", 5), ("Lk", 5),
-        ("median_ms", 10), ("p20_ms", 9), ("p80_ms", 9), ("reps", 4), ("tflops", 8)]
-LEFT = ("impl", "backend", "mode", "shape")
-
-
-def _fmt(row, key, width):
-    v = row.get(key)
-    if isinstance(v, float):
-        v = f"{v:.3f}"
-    s = "-" if v is None else str(v)
-    return s[:width].ljust(width) if key in LEFT else s[:width].rjust(width)
-
-
-def print_row(row, i, n):
-    extra = "ERROR: " + row["error"].splitlines()[0][:90] if row.get("error") else ""
-    print(f"[{i:3d}/{n}] " + " ".join(_fmt(row, k, w) for k, w in COLS) + "  " + extra, flush=True)
+TABLE = Table([("impl", 14), ("backend", 9), ("mode", 7), ("shape", 8), ("B", 2), ("Lq", 5), ("Lk", 5),
+               ("median_ms", 10), ("p20_ms", 9), ("p80_ms", 9), ("reps", 4), ("tflops", 8)],
+              left=("impl", "backend", "mode", "shape"))
 
 
 def parse_args(argv=None):
@@ -235,7 +222,7 @@ def main(argv=None) -> list[dict]:
     if not cuda:
         print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average "
               f"{os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
-    print("          " + " ".join(_fmt({k: k}, k, w) for k, w in COLS), flush=True)
+    TABLE.header()
 
     rows, i = [], 0
     t_start = time.perf_counter()
@@ -281,7 +268,7 @@ def main(argv=None) -> list[dict]:
                     row["error"] = err[:2000]
                 append_row(out, row)
                 rows.append(row)
-                print_row(row, i, n_rows)
+                TABLE.row(row, i, n_rows)
         del q, k, v, dout, out_k3
         if cuda:
             torch.cuda.empty_cache()

@@ -158,3 +158,35 @@ def append_row(out, row: dict) -> None:
     """Appends ``row`` as one JSON line to the file ``out``."""
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+class Table:
+    """Console table of benchmark rows: ``cols`` = [(row key, width)], ``left`` = keys aligned left;
+    lists print comma-joined, floats with 3 decimals. The last column lists errors, throughput on CUDA
+    and compile time."""
+
+    def __init__(self, cols, left):
+        self.cols, self.left = list(cols), set(left)
+
+    def _cell(self, row, key, width):
+        v = row.get(key)
+        if isinstance(v, list):
+            v = ",".join(str(w) for w in v)
+        elif isinstance(v, float):
+            v = f"{v:.3f}"
+        s = "-" if v is None else str(v)
+        return s[:width].ljust(width) if key in self.left else s[:width].rjust(width)
+
+    def header(self):
+        print("          " + " ".join(self._cell({k: k}, k, w) for k, w in self.cols) + "  extra", flush=True)
+
+    def row(self, row, i, n):
+        extra = []
+        if row.get("error"):
+            extra.append("ERROR: " + row["error"].splitlines()[0][:80])
+        if row.get("gbps") is not None and row.get("device_type") == "cuda":
+            extra.append(f"{row['gbps']:.0f} GB/s {row['tflops']:.2f} TFLOP/s")
+        if row.get("compile_s") is not None:
+            extra.append(f"compile {row['compile_s']:.1f}s")
+        print(f"[{i:3d}/{n}] " + " ".join(self._cell(row, k, w) for k, w in self.cols) + "  " + "; ".join(extra),
+              flush=True)
