@@ -33,8 +33,6 @@ synchronize; ``time.perf_counter`` on CPU). ``reps`` adapts to a per-row time bu
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import sys
 import time
 from functools import partial
@@ -43,7 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Table, Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+from benchlib import (Table, Timer, append_row, compile_static, device_name, measure_row,  # noqa: E402
+                      print_cpu_note, run_fields, setup_device, timing_settings, triton_version,
                       split_choices)
 from torch import nn
 
@@ -241,30 +240,18 @@ def main(argv=None) -> list[dict]:
     cuda = device.type == "cuda"
     tiny = args.shapes == "tiny"
     quick = args.shapes == "quick"
-    budget_s = args.budget_s if args.budget_s is not None else (1.0 if cuda else 4.0) * (0.25 if quick else 1.0)
-    warmup = 1 if tiny else (10 if cuda else 2)
-    min_reps = 3 if quick else 5
-    max_reps = (50 if quick else 200) if cuda else (10 if quick else 30)
-    fixed_reps = args.reps if args.reps else (2 if tiny else None)
-    timing = dict(warmup=warmup, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
+    timing = timing_settings(args, cuda, tiny, quick)
+    budget_s = timing["budget_s"]
     tol = 1e-3 if dtype == torch.float32 else 3e-2
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_v = triton_version()
     dev_name = device_name(device)
     peak_gbps, peak_tflops = device_peak(dev_name, dtype) if cuda else (None, None)
     esize = torch.empty(0, dtype=dtype).element_size()
 
     compiled_ref = None
     if "compiled_reference" in args.impls:
-        # one compiled function for all shapes; static shapes, so allow one graph per shape/windows/mode
-        for k in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, k):
-                setattr(torch._dynamo.config, k, max(getattr(torch._dynamo.config, k), 256))
-        compiled_ref = torch.compile(expert_heads_reference, dynamic=False)
+        compiled_ref = compile_static(expert_heads_reference)   # one graph per shape/windows/mode
 
     configs = []
     for shape, B, L, C, M, horizons in SHAPES[args.shapes]:
@@ -274,11 +261,9 @@ def main(argv=None) -> list[dict]:
     n_rows = len(configs) * len(args.impls) * len(args.modes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"# expert_heads bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_version}, "
+    print(f"# expert_heads bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_v}, "
           f"{n_rows} rows, budget {budget_s:g}s/row -> {out}", flush=True)
-    if not cuda:
-        print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-              f"load average {os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
+    print_cpu_note(cuda)
     TABLE.header()
 
     rows, i = [], 0
@@ -306,10 +291,7 @@ def main(argv=None) -> list[dict]:
                     "device": dev_name, "device_type": device.type, "dtype": args.dtype, "shape": shape,
                     "B": B, "L": L, "C": C, "H": H, "M": M, "windows": windows, "window_set": wname,
                     "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0,
-                    "threads": torch.get_num_threads(),
-                    "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "torch": torch.__version__, "triton": triton_version,
+                    **run_fields(triton_v),
                 }
                 if err is None:
                     measure_row(row, make_step(mode, fn, x, gates, params, dy), timer, timing,

@@ -42,8 +42,6 @@ as JSON lines.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import sys
 import time
 from functools import partial
@@ -52,7 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Table, Timer, append_row, device_name, measure_row, setup_device,  # noqa: E402
+from benchlib import (Table, Timer, append_row, device_name, measure_row,  # noqa: E402
+                      print_cpu_note, run_fields, setup_device, timing_settings, triton_version,
                       split_choices)
 import torch.nn.functional as F
 
@@ -194,22 +193,14 @@ def main(argv=None) -> list[dict]:
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype)
     tiny, quick = args.shapes == "tiny", args.shapes == "quick"
-    budget_s = args.budget_s if args.budget_s is not None else (1.0 if cuda else 4.0) * (0.25 if quick else 1.0)
-    warmup = 1 if tiny else (10 if cuda else 2)
-    min_reps = 3 if quick else 5
-    max_reps = (50 if quick else 200) if cuda else (10 if quick else 30)
-    fixed_reps = args.reps if args.reps else (2 if tiny else None)
-    timing = dict(warmup=warmup, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps, fixed_reps=fixed_reps)
+    timing = timing_settings(args, cuda, tiny, quick)
+    budget_s = timing["budget_s"]
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     if args.max_scores_gb is not None:
         max_scores = args.max_scores_gb * 1e9
     else:
         max_scores = torch.cuda.get_device_properties(device).total_memory / 8 if cuda else 2e9
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_v = triton_version()
     dev_name = device_name(device)
     peak = device_peak(dev_name, dtype) if cuda else None
     out = Path(args.out) if args.out else HERE / "results" / f"gqa_attention_{device_tag(device)}.jsonl"
@@ -217,11 +208,9 @@ def main(argv=None) -> list[dict]:
 
     configs = SHAPES[args.shapes]
     n_rows = len(configs) * len(args.impls) * len(args.modes)
-    print(f"# gqa_attention bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_version}, "
+    print(f"# gqa_attention bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_v}, "
           f"Hq={HQ} Hkv={HKV} D={D}, {n_rows} rows, budget {budget_s:g}s/row -> {out}", flush=True)
-    if not cuda:
-        print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average "
-              f"{os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
+    print_cpu_note(cuda)
     TABLE.header()
 
     rows, i = [], 0
@@ -254,10 +243,7 @@ def main(argv=None) -> list[dict]:
                     "B": B, "Hq": HQ, "Hkv": HKV, "Lq": Lq, "Lk": Lk, "D": D, "causal": causal,
                     "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0,
                     "model_flops": model_flops(B, Lq, Lk, causal, mode), "tflops": None,
-                    "threads": torch.get_num_threads(),
-                    "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "torch": torch.__version__, "triton": triton_version,
+                    **run_fields(triton_v),
                 }
                 if err is None:
                     measure_row(row, make_step(mode, fn, q, k, v, dout), timer, timing,

@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts: device names, timing, simple statistics, measuring rows."""
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
@@ -190,3 +192,43 @@ class Table:
             extra.append(f"compile {row['compile_s']:.1f}s")
         print(f"[{i:3d}/{n}] " + " ".join(self._cell(row, k, w) for k, w in self.cols) + "  " + "; ".join(extra),
               flush=True)
+
+
+def timing_settings(args, cuda: bool, tiny: bool, quick: bool) -> dict:
+    """Keyword arguments for :func:`time_step` / :func:`measure_row` from the common command-line options
+    (``--budget-s``, ``--reps``) and the shape group: warm-up, per-row time budget and rep bounds."""
+    budget_s = args.budget_s if args.budget_s is not None else (1.0 if cuda else 4.0) * (0.25 if quick else 1.0)
+    return dict(warmup=1 if tiny else (10 if cuda else 2), budget_s=budget_s, min_reps=3 if quick else 5,
+                max_reps=(50 if quick else 200) if cuda else (10 if quick else 30),
+                fixed_reps=args.reps if args.reps else (2 if tiny else None))
+
+
+def triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def print_cpu_note(cuda: bool) -> None:
+    """On CPU, say how many cores/threads there are and how loaded the machine is."""
+    if not cuda:
+        print(f"# CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+              f"load average {os.getloadavg()[0]:.2f} (other processes may share the cores)", flush=True)
+
+
+def compile_static(fn):
+    """``torch.compile(fn, dynamic=False)`` with dynamo's recompile limit raised: one graph per shape."""
+    for k in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, k):
+            setattr(torch._dynamo.config, k, max(getattr(torch._dynamo.config, k), 256))
+    return torch.compile(fn, dynamic=False)
+
+
+def run_fields(triton_v) -> dict:
+    """The fields every benchmark row ends with: threads, 1-minute load average, UTC time, versions."""
+    return {"threads": torch.get_num_threads(),
+            "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton_v}
