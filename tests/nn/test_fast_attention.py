@@ -9,7 +9,6 @@ once per module, ~10 s) check the same on real weights; skipped when the package
 Padding query rows (a left-padding position sees no real key) are not compared: K3 gives them 0 where
 eager gives a uniform average, and no real token reads them.
 """
-import copy
 
 import pytest
 import torch
