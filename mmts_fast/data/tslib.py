@@ -173,14 +173,21 @@ def time_features(dates: Sequence[datetime], freq: str = "h") -> np.ndarray:
     return out.astype(np.float32)
 
 
-def infer_freq(dates: Sequence[datetime]) -> str:
-    """Guess the TSLib freq letter ("t", "h", "d", "w" or "m") from the median spacing."""
+def median_spacing_s(dates: Sequence[datetime]) -> float:
+    """Median spacing of ``dates`` in seconds; a clear error for fewer than two dates or dates that do
+    not increase (the caller should then be given its frequency)."""
     if len(dates) < 2:
         raise ValueError(f"cannot infer a frequency from {len(dates)} date(s); pass freq explicitly")
     secs = np.diff(np.array([(d - dates[0]).total_seconds() for d in dates], dtype=np.float64))
     step = float(np.median(secs))
     if step <= 0:
         raise ValueError(f"dates are not increasing (median spacing {step} s); pass freq explicitly")
+    return step
+
+
+def infer_freq(dates: Sequence[datetime]) -> str:
+    """Guess the TSLib freq letter ("t", "h", "d", "w" or "m") from the median spacing."""
+    step = median_spacing_s(dates)
     if step < 3600:
         return "t"
     if step < 86400:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
+from mmts_fast.data.tslib import median_spacing_s
 
 __all__ = ["DATASET_DESCRIPTIONS", "static_prompt", "dynamic_prompts", "freq_step", "DATE_FORMAT"]
 
@@ -80,12 +80,7 @@ def _add(d: datetime, step: timedelta | int) -> datetime:
 
 
 def _infer_step(dates: Sequence[datetime]) -> timedelta | int:
-    if len(dates) < 2:
-        raise ValueError(f"cannot infer a step from {len(dates)} date(s); pass freq")
-    secs = np.diff(np.array([(d - dates[0]).total_seconds() for d in dates], dtype=np.float64))
-    step = float(np.median(secs))
-    if step <= 0:
-        raise ValueError(f"dates are not increasing (median spacing {step} s); pass freq")
+    step = median_spacing_s(dates)
     if 28 * 86400 <= step <= 31 * 86400:
         return 1
     return timedelta(seconds=step)
