@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from mmts_fast.text.encoders import BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4
+from mmts_fast.text.encoders import (BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4,
+                                     load_hf_tokenizer)
 
 __all__ = ["load_backbone", "load_tokenizer", "weight_stats", "memory_report"]
 
@@ -118,18 +119,10 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[Path, str | None, str]:
 
 def load_tokenizer(name_or_path: str | os.PathLike = "smollm2"):
     """The tokenizer of a backbone named as for :func:`load_backbone` (offline; a GGUF file's own
-    vocabulary). Sets a pad token (EOS) when the model has none."""
+    vocabulary), with a pad token when the model has none (:func:`~mmts_fast.text.encoders.load_hf_tokenizer`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     path, gguf, _ = _resolve(name_or_path)
-    kwargs: dict[str, Any] = dict(local_files_only=True)
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
+    return load_hf_tokenizer(path, gguf)
 
 
 def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | None = None,

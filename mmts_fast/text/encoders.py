@@ -256,7 +256,7 @@ class TextEncoder:
             return
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+            from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
         except ImportError as e:  # pragma: no cover - transformers is a dependency
             raise ImportError("text encoders need transformers: pip install transformers") from e
         if self.gguf_file is not None:
@@ -268,10 +268,8 @@ class TextEncoder:
         src = dict(local_files_only=True)
         if self.gguf_file is not None:
             src["gguf_file"] = self.gguf_file
-        tok = AutoTokenizer.from_pretrained(self.path, **src)
+        tok = load_hf_tokenizer(self.path, self.gguf_file)
         tok.padding_side = self.padding_side
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
 
         kwargs: dict[str, Any] = dict(src, dtype=self.dtype)
         quantize_after = False
@@ -364,6 +362,20 @@ class TextEncoder:
 
     def __repr__(self) -> str:
         return f"TextEncoder({self.model_id!r}, loaded={self.is_loaded})"
+
+
+def load_hf_tokenizer(path, gguf_file: str | None = None):
+    """A Hugging Face tokenizer from a local folder (or a GGUF file in it), offline, with a pad token
+    (EOS, else UNK, else token 0) when the model defines none."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = dict(local_files_only=True)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
+    return tok
 
 
 def pad_tokens(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
