@@ -63,7 +63,8 @@ def shared_file(rel: str) -> Path:
 # The real Triton compiler without a GPU: the interpreter never runs Triton's code generator, so the
 # kernel tests also compile each kernel for sm_90 (TTIR -> PTX -> cubin with Triton's bundled ptxas),
 # in a subprocess without TRITON_INTERPRET. A case: kernel name, constexpr values (a constexpr not given
-# is a feature flag and is set True), the default pointer type and per-pointer overrides; other
+# is a feature flag and is set True; a plain argument given there is compiled in, like the stride-1
+# arguments a launch specialises), the default pointer type and per-pointer overrides; other
 # arguments are i32 unless ``scalars`` says otherwise.
 # ---------------------------------------------------------------------------------------------
 _SM90 = r"""
@@ -77,8 +78,8 @@ for case in spec["cases"]:
     kernel = getattr(mod, case["kernel"])
     sig, cx = {}, {}
     for p in kernel.params:
-        if p.is_constexpr:
-            sig[p.name], cx[p.name] = "constexpr", case["consts"].get(p.name, True)   # flags: on
+        if p.is_constexpr or p.name in case["consts"]:   # a given argument is compiled in, as a launch
+            sig[p.name], cx[p.name] = "constexpr", case["consts"].get(p.name, True)   # specialises 1; flags: on
         elif p.name.endswith("_ptr"):
             sig[p.name] = case.get("ptrs", {}).get(p.name, case["ptr"])
         else:
