@@ -19,43 +19,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Timer, device_name, time_step  # noqa: E402
+
 from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
 def timeit(fn, device: str, reps: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    """``reps`` timed calls in ms after ``warmup`` calls (benchlib's timer: CUDA events on CUDA)."""
+    return time_step(fn, Timer(torch.device(device)), warmup=warmup, budget_s=0, min_reps=reps, max_reps=reps,
+                     fixed_reps=reps)[0]
 
 
 def train_step_rows(device, B, L, H, C, d_llm, reps):
@@ -147,7 +127,7 @@ def main(argv=None):
     reps = 5 if args.quick else 30
     out = Path(args.out or f"bench/results/models_{args.device}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device_name(args.device), date=datetime.date.today().isoformat(), torch=torch.__version__)
+    meta = dict(device=device_name(torch.device(args.device)), date=datetime.date.today().isoformat(), torch=torch.__version__)
     shapes = [(8, 512, 96, 7, 384), (32, 512, 96, 7, 384)] if not args.quick else [(8, 96, 24, 7, 384)]
     rows = []
     if args.cold_cache:
