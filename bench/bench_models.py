@@ -5,7 +5,11 @@
 
 - ``train_step``: one optimiser step (forward, MSE backward, Adam) of RLinearMoLE and LeMoLE at the
   same shapes, LeMoLE fed precomputed (cached) text embeddings, so the ratio is the cost of the text
-  branches alone (the LLM never runs per batch).
+  branches alone (the LLM never runs per batch). The per-step timestamp embeddings come from a table of
+  ``T=8640`` rows (ETTh1's training rows) read by B windows at random starts, as in training:
+  ``dynamic="table"`` passes what the training loop passes (the rows the batch spans + each step's row);
+  ``dynamic="per_window"`` passes ``[B, L, d]`` gathered beforehand (the gather, which the loader would
+  have to do each batch, is not timed). ``lemole_no_text`` has both text branches off.
 - ``mome_throughput``: MoME inference samples/s, batched vs one sample at a time (the public code's
   batch-size-1 limitation).
 - ``lemole_first_epoch`` (with ``--cold-cache CSV``): LeMoLE's first training epoch (L=512, H=96, batch 8,
@@ -38,21 +42,31 @@ def timeit(fn, device: str, reps: int, warmup: int = 3) -> list[float]:
                      fixed_reps=reps)[0]
 
 
+TABLE_ROWS = 8640   # ETTh1's training rows: the timestamp embeddings a LeMoLE batch reads from
+
+
 def train_step_rows(device, B, L, H, C, d_llm, reps):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, L, C, generator=g).to(device)
     xm = (torch.rand(B, L, 4, generator=g) - 0.5).to(device)
     y = torch.randn(B, H, C, generator=g).to(device)
-    emb = {"static_emb": torch.randn(d_llm, generator=g).to(device),
-           "dynamic_emb": torch.randn(B, L, d_llm, generator=g).to(device)}
-    models = {
-        "rlinear_mole": (RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=4)), {}),
-        "lemole": (LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), emb),
-        "lemole_no_text": (LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, use_static=False,
-                                               use_dynamic=False)), {}),
-    }
+    table = torch.randn(TABLE_ROWS, d_llm, generator=g)
+    index = torch.randint(0, TABLE_ROWS - L + 1, (B, 1), generator=g) + torch.arange(L)    # [B, L] rows
+    lo, hi = int(index.min()), int(index.max())
+    static = torch.randn(d_llm, generator=g).to(device)
+    shared = {"static_emb": static, "dynamic_table": table[lo:hi + 1].to(device), "dynamic_index": (index - lo).to(device)}
+    per_window = {"static_emb": static, "dynamic_emb": table[index].to(device)}
+    models = [
+        ("rlinear_mole", None, lambda: RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=4)), {}),
+        ("lemole", "table", lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), shared),
+        ("lemole", "per_window", lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), per_window),
+        ("lemole_no_text", None, lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, use_static=False,
+                                                             use_dynamic=False)), {}),
+    ]
     rows = []
-    for (name, (model, kw)), fused in ((item, f) for item in models.items() for f in (False, True)):
+    for (name, dynamic, build, kw), fused in ((item, f) for item in models for f in (False, True)):
+        torch.manual_seed(0)
+        model = build()
         model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)   # fused: --fused-optimizer
 
@@ -64,7 +78,8 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
 
         t = timeit(step, device, reps)
         rows.append(dict(bench="train_step", model=name, fused_adam=fused, B=B, L=L, H=H, C=C, d_llm=d_llm,
-                         median_ms=statistics.median(t), reps=reps))
+                         median_ms=statistics.median(t), reps=reps, **({"dynamic": dynamic, "table_rows": TABLE_ROWS,
+                                                                      "span_rows": hi - lo + 1} if dynamic else {})))
     for r in rows:   # against RLinear-MoLE with the same optimiser
         base = next(b for b in rows if b["model"] == "rlinear_mole" and b["fused_adam"] == r["fused_adam"])
         r["ratio_vs_rlinear_mole"] = r["median_ms"] / base["median_ms"]
@@ -121,9 +136,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--cold-cache", default=None, metavar="CSV",
                    help="only LeMoLE's first epoch with a cold vs warm embedding cache on this CSV")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 30
     out = Path(args.out or f"bench/results/models_{args.device}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,7 @@ def cmd_export(args) -> float:
         _, _, test, _ = build_datasets(_load_spec(run_dir))
         idx = torch.arange(min(len(test), 16))
         x, _, xm, _ = test.batch(idx)[:4]
-        extra = test.extras(idx) if hasattr(test, "extras") else {}
+        extra = model.export_inputs(test.extras(idx)) if hasattr(test, "extras") else {}
     except (SystemExit, ValueError, FileNotFoundError, ImportError) as e:
         if getattr(model, "extra_inputs", ()):
             raise SystemExit(f"error: exporting {type(model).__name__} needs its data and text cache: {e}")

@@ -98,5 +98,11 @@ class ForecastModel(nn.Module):
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
         return model.eval()   # as in Hugging Face: loaded for inference; call .train() to fine-tune
 
+    # ---- export -------------------------------------------------------------------------
+    def export_inputs(self, extra: dict) -> dict:
+        """The extra keyword inputs in the batch-first form the ONNX graph takes (``extra_inputs``).
+        The identity, except for models that also take a more compact form in training (LeMoLE)."""
+        return dict(extra)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -73,8 +73,16 @@ def _conv_stack(c_in: int, c_out: int, groups: int = 1) -> nn.Sequential:
 
 class LeMoLE(ForecastModel):
     """LeMoLE. ``forward(x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None, *,
-    static_emb=None, dynamic_emb=None) -> [B, H, C]`` with ``static_emb`` ``[d_llm]`` or
-    ``[B, d_llm]`` and ``dynamic_emb`` ``[B, L, d_llm]`` (required when the branch is enabled)."""
+    static_emb=None, dynamic_emb=None, dynamic_table=None, dynamic_index=None) -> [B, H, C]`` with
+    ``static_emb`` ``[d_llm]`` or ``[B, d_llm]`` and the dynamic prompts (required when the branch is
+    enabled) in one of two equal forms:
+
+    - ``dynamic_emb`` ``[B, L, d_llm]``: each window's embeddings (the ONNX export's form);
+    - ``dynamic_table`` ``[T, d_llm]`` with ``dynamic_index`` ``[B, L]`` (int64 rows of the table):
+      ``dynamic_emb[b, l] = dynamic_table[dynamic_index[b, l]]``. Timestamps are shared by
+      overlapping windows, so the projection ``Linear(d_llm -> 2C)`` runs once per distinct row
+      instead of once per (window, step): the training loop passes this form (the rows a batch spans).
+    """
     model_type: ClassVar[str] = "lemole"
     config_class: ClassVar[type] = LeMoLEConfig
     extra_inputs: ClassVar[tuple] = ("static_emb", "dynamic_emb")
@@ -104,7 +112,8 @@ class LeMoLE(ForecastModel):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None, *,
-                static_emb: Optional[Tensor] = None, dynamic_emb: Optional[Tensor] = None):
+                static_emb: Optional[Tensor] = None, dynamic_emb: Optional[Tensor] = None,
+                dynamic_table: Optional[Tensor] = None, dynamic_index: Optional[Tensor] = None):
         cfg = self.config
         self.check_inputs(x_enc, x_mark_enc)
         B, L, C = x_enc.shape
@@ -123,11 +132,7 @@ class LeMoLE(ForecastModel):
             y = self.cnn(e.permute(0, 1, 3, 2).reshape(B, M * C, H))      # [B, C, H]
         film_s = film_d = None
         if cfg.use_dynamic:
-            if dynamic_emb is None or dynamic_emb.shape != (B, L, cfg.d_llm):
-                raise ValueError(f"LeMoLE needs dynamic_emb [B, L, d_llm]=({B}, {L}, {cfg.d_llm}), got "
-                                 f"{None if dynamic_emb is None else tuple(dynamic_emb.shape)}; "
-                                 f"or build it with use_dynamic=False")
-            gb = self.dynamic_time(self.dynamic_proj(dynamic_emb.to(y.dtype)).transpose(1, 2))  # [B, 2C, H]
+            gb = self._dynamic_film(B, L, y.dtype, dynamic_emb, dynamic_table, dynamic_index)  # [B, 2C, H]
             film_d = (1 + gb[:, :C]) * y + gb[:, C:]
         if cfg.use_static:
             if static_emb is None or static_emb.shape[-1] != cfg.d_llm:
@@ -144,6 +149,38 @@ class LeMoLE(ForecastModel):
         if cfg.output_form == "code":
             out = out + y
         return self.revin.denorm(out.transpose(1, 2), stats)
+
+    def export_inputs(self, extra: dict) -> dict:
+        """``dynamic_table`` + ``dynamic_index`` -> ``dynamic_emb [B, L, d_llm]``, the ONNX graph's input."""
+        extra = dict(extra)
+        if "dynamic_table" in extra:
+            extra["dynamic_emb"] = extra.pop("dynamic_table")[extra.pop("dynamic_index")]
+        return extra
+
+    def _dynamic_film(self, B: int, L: int, dtype, emb, table, index) -> Tensor:
+        """``[gamma_D - 1; beta_D]`` as ``[B, 2C, H]``: ``Linear(L -> H)`` over ``Linear(d_llm -> 2C)(Z_D)``."""
+        d = self.config.d_llm
+        if table is not None or index is not None:
+            if emb is not None:
+                raise ValueError("LeMoLE: give dynamic_emb or dynamic_table + dynamic_index, not both")
+            if table is None or index is None or table.dim() != 2 or table.shape[1] != d:
+                raise ValueError(f"LeMoLE needs dynamic_table [T, d_llm={d}] together with dynamic_index [B, L], "
+                                 f"got {None if table is None else tuple(table.shape)} and "
+                                 f"{None if index is None else tuple(index.shape)}")
+            if tuple(index.shape) != (B, L) or index.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"LeMoLE needs dynamic_index [B, L]=({B}, {L}) of int64 table rows, "
+                                 f"got {tuple(index.shape)} {index.dtype}")
+            if table.shape[0] > 2 * B * L:   # a big table: project only the rows these windows read
+                rows, index = torch.unique(index, return_inverse=True)
+                table = table.index_select(0, rows)
+            p = self.dynamic_proj(table.to(dtype))[index]                      # [B, L, 2C]
+        else:
+            if emb is None or emb.shape != (B, L, d):
+                raise ValueError(f"LeMoLE needs dynamic_emb [B, L, d_llm]=({B}, {L}, {d}) (or dynamic_table + "
+                                 f"dynamic_index), got {None if emb is None else tuple(emb.shape)}; "
+                                 f"or build it with use_dynamic=False")
+            p = self.dynamic_proj(emb.to(dtype))
+        return self.dynamic_time(p.transpose(1, 2))
 
     def _stack(self, branches: list) -> Tensor:
         """``[B, n*C, H]``: branch-major, or channel-major when the CNNs are grouped per channel."""

@@ -6,8 +6,9 @@
 keyword inputs. Training never runs the LLM per batch.
 
 - LeMoLE: ``static_emb [B, d]``: the dataset description, or on Time-MMD the latest report/search
-  text each window may see (the description before the first one); ``dynamic_emb [B, L, d]``: one
-  AutoTimes-style timestamp prompt per lookback step.
+  text each window may see (the description before the first one); the dynamic prompts (one
+  AutoTimes-style timestamp prompt per lookback step) as ``dynamic_table [T, d]`` (the rows the batch
+  spans) with ``dynamic_index [B, L]``, i.e. ``dynamic_emb = dynamic_table[dynamic_index]`` ``[B, L, d]``.
 - MoME and LLM-TS Net (its frozen-encoder variant): ``text_hidden [B, T, d]`` and ``text_mask [B, T]``:
   the token states of the same static text (on ETT-style data: the description, the same for every window).
 - LLM-TS Net with ``spec["text_lm"]`` (its LoRA-AMR fine-tuned LM, which runs in every step by design):
@@ -94,11 +95,15 @@ def _text_index(split, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _lemole_extras(split, static: torch.Tensor, dyn: torch.Tensor, r0: int):
+    """The dynamic prompts as the table rows the batch spans (a view, no copy) and each step's row in
+    it: overlapping windows share timestamps, so LeMoLE projects each row once, not once per window."""
     steps = torch.arange(split.lookback)
 
     def extras(indices: torch.Tensor) -> dict:
         rows = split.start - r0 + indices[:, None] + steps
-        return {"static_emb": static[_text_index(split, indices)], "dynamic_emb": dyn[rows]}
+        lo, hi = int(rows.min()), int(rows.max())
+        return {"static_emb": static[_text_index(split, indices)], "dynamic_table": dyn[lo:hi + 1],
+                "dynamic_index": rows - lo}
     return extras
 
 

@@ -36,6 +36,27 @@ def test_lemole_shapes_and_grads(form, static, dynamic):
                                m(t["x"], static_emb=t["static"][:1].expand(B, D), dynamic_emb=t["dynamic"]))
 
 
+@pytest.mark.parametrize("spread", [1, 40])   # overlapping windows (whole table) / far apart (distinct rows)
+def test_lemole_dynamic_table_equals_per_window_embeddings(spread):
+    """dynamic_table[dynamic_index] and dynamic_emb are the same input: same output, same gradients."""
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(L + spread * B, D, generator=g)
+    index = (torch.arange(B) * spread)[:, None] + torch.arange(L)              # window b starts at row b*spread
+    x, s = torch.randn(B, L, C, generator=g), torch.randn(D, generator=g)
+    grads = []
+    for kw in ({"dynamic_emb": table[index]}, {"dynamic_table": table, "dynamic_index": index}):
+        torch.manual_seed(0)
+        m = LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=D)).eval()
+        y = m(x, static_emb=s, **kw)
+        y.backward(torch.ones_like(y))
+        grads.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        if "dynamic_table" in kw:
+            torch.testing.assert_close(m.export_inputs({"static_emb": s, **kw})["dynamic_emb"], table[index])
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], msg=n)
+
+
 def test_lemole_errors_and_windows():
     m = LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=D))
     t = inputs()
@@ -43,6 +64,13 @@ def test_lemole_errors_and_windows():
         m(t["x"], static_emb=t["static"])
     with pytest.raises(ValueError, match="needs static_emb"):
         m(t["x"], dynamic_emb=t["dynamic"])
+    table, index = t["dynamic"][0], torch.arange(L).expand(B, L)
+    with pytest.raises(ValueError, match="together with dynamic_index"):
+        m(t["x"], static_emb=t["static"], dynamic_table=table)
+    with pytest.raises(ValueError, match="not both"):
+        m(t["x"], static_emb=t["static"], dynamic_emb=t["dynamic"], dynamic_table=table, dynamic_index=index)
+    with pytest.raises(ValueError, match="dynamic_index"):
+        m(t["x"], static_emb=t["static"], dynamic_table=table, dynamic_index=index[:, :-1])
     with pytest.raises(ValueError, match="longer than the lookback"):
         LeMoLEConfig(lookback=96, n_experts=2, windows=[96, 192])
     assert LeMoLEConfig(lookback=512).windows == [512, 336, 192, 96]   # the public code's windows

@@ -74,7 +74,8 @@ def test_each_window_gets_its_own_leak_free_text(tmp_path, monkeypatch, model):
                 torch.testing.assert_close(extra["static_emb"][i], fake._vec(text))
                 last_row = s.start + i + s.lookback - 1
                 want = fake._vec(conditioning.dynamic_prompts(s.table.dates, s.freq)[last_row])
-                torch.testing.assert_close(extra["dynamic_emb"][i, -1], want)
+                emb = extra["dynamic_table"][extra["dynamic_index"][i]]               # [L, d] of window i
+                torch.testing.assert_close(emb[-1], want)
             else:
                 torch.testing.assert_close(extra["text_hidden"][i, 0], fake._vec(text + "0"))
     # a second attach is served by the cache: the encoder is not called again
