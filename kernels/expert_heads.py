@@ -154,7 +154,8 @@ def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], ga
     """Plain PyTorch K1: all experts in one GEMM, no Python loop over experts.
 
     Two equal forms of the same sum, picked by the size of the intermediate: the per-expert outputs
-    ``[N, M*H]`` (needed for ``return_experts``), or the gate-scaled window inputs ``[N, sum w_m]``.
+    ``[N, M*H]`` (needed for ``return_experts``), or the gate-scaled window inputs ``[N, sum (w_m + 1)]``
+    (the +1: a column of ones per expert that carries its bias).
     """
     windows = _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma, film_beta)
     B, L, C = x.shape
@@ -164,23 +165,31 @@ def expert_heads_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], ga
         mean, std = revin_stats(x, eps)
         x = revin_norm(x, mean, std, revin_weight, revin_bias)
     N = B * C
-    rows = x.transpose(1, 2).reshape(N, L)                                # one row per (sample, channel)
     g = (gates if gates.dim() == 3 else gates[:, None, :]).expand(B, C, M).reshape(N, M).to(dtype)
     w = weight.to(dtype)
-    cols, owner, flat = _window_index(windows, L, x.device)
-    if return_experts or len(cols) > M * H:
+    b = bias.to(dtype) if bias is not None else w.new_zeros(M, H)
+    full = all(wm == L for wm in windows)                                 # MoLE: every expert reads all L steps
+    if return_experts or sum(windows) > M * H:
         # Expert-output form: one GEMM for all experts [N, L] x [L, M*H] (off-window weights masked),
-        # then the gate-weighted sum over experts.
-        e = torch.nn.functional.linear(rows, (w * window_mask(windows, L, x.device).to(dtype)).reshape(M * H, L),
-                                       bias.to(dtype).reshape(M * H) if bias is not None else None)
-        e = e.view(N, M, H)
-        z = (e * g[:, :, None]).sum(1)                                    # [N, H]
+        # then the gate-weighted sum over experts; the bias mixed apart, sum_m g_m b_m = g @ bias.
+        rows = x.transpose(1, 2).reshape(N, L)                            # one row per (sample, channel)
+        wm = w if full else w * window_mask(windows, L, x.device).to(dtype)
+        e = torch.nn.functional.linear(rows, wm.reshape(M * H, L)).view(N, M, H)
+        z = (e * g[:, :, None]).sum(1) + g @ b                            # [N, H]
+        e = e + b if return_experts else e
     else:
-        # Gate-scaled-input form, the same sum reassociated: sum_m g_m (W_m x_m) = [g_m x_m]_m @ [W_m]_m.
-        # One GEMM [N, sum w] x [sum w, H] doing exactly the experts' FLOPs; no [N, M, H] tensor.
-        xs = rows[:, cols] * g[:, owner]                                  # [N, sum w]
-        wcat = w.permute(0, 2, 1).reshape(M * L, H)[flat]                 # [sum w, H]
-        z = xs @ wcat if bias is None else torch.addmm(g @ bias.to(dtype), xs, wcat)
+        # Gate-scaled-input form, the same sum reassociated: sum_m g_m (W_m x_m + b_m) =
+        # [g_m x_m, g_m]_m @ [W_m^T; b_m]_m, the bias as one more input column of ones per expert.
+        # One GEMM [N, sum(w+1)] x [sum(w+1), H] doing exactly the experts' FLOPs; no [N, M, H] tensor.
+        rows = torch.cat([x.transpose(1, 2), x.new_ones(B, C, 1)], dim=2).view(N, L + 1)    # [x, 1] per row
+        wcat = torch.cat([w.transpose(1, 2), b[:, None, :]], dim=1).reshape(M * (L + 1), H)  # [M*(L+1), H]
+        if full:                                                          # a broadcast, no gather
+            xs = (rows[:, None, :] * g[:, :, None]).reshape(N, M * (L + 1))
+        else:                                                             # only the window columns (+ the 1)
+            cols, owner, flat = _window_index([wm + 1 for wm in windows], L + 1, x.device)
+            xs = rows.index_select(1, cols) * g.index_select(1, owner)    # [N, sum(w+1)]
+            wcat = wcat.index_select(0, flat)                             # [sum(w+1), H]
+        z = xs @ wcat
     z = z.view(B, C, H).transpose(1, 2)                                   # [B, H, C]
     u = z
     if film_gamma is not None:

@@ -132,11 +132,13 @@ def test_hypothesis_sweep(B, L, C, H, data):
                seed=data.draw(st.integers(0, 1000)))
 
 
+@pytest.mark.parametrize("windows", [(37, 20, 16), (37, 37, 37)])
 @pytest.mark.parametrize("H, return_experts", [(19, True), (19, False), (40, False)])
-def test_reference_equals_per_expert_loop(H, return_experts):
+def test_reference_equals_per_expert_loop(H, return_experts, windows):
     """The packed reference against the spec written literally: one matmul per expert window.
-    H=19 uses the expert-output form (sum w > M*H), H=40 the gate-scaled-input form."""
-    B, L, C, windows = 2, 37, 3, (37, 20, 16)
+    H=19 uses the expert-output form (sum w > M*H), H=40 the gate-scaled-input form; equal windows
+    (MoLE) take the no-mask / no-gather branches."""
+    B, L, C = 2, 37, 3
     inp = make_inputs(B, L, C, H, 3, revin=True, film=True, dtype=torch.float64)
     out = eh.expert_heads_reference(inp["x"], inp["weight"], inp["bias"], inp["gates"], windows, revin=True,
                                     revin_weight=inp["revin_weight"], revin_bias=inp["revin_bias"],
