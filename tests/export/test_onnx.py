@@ -195,3 +195,15 @@ def test_extra_inputs(tmp_path):
         assert verify_onnx(model, path, *batch(b), extra_inputs={"text_emb": emb}) <= ATOL
     with pytest.raises(ValueError, match="takes inputs"):
         verify_onnx(model, path, *batch(2))
+
+
+@pytest.mark.parametrize("windows", [None, [24, 10]])
+def test_gate_scaled_form_exports(tmp_path, windows):
+    """A long horizon (sum of windows < M*H) takes K1's gate-scaled-input form (a broadcast for equal
+    windows, a column gather otherwise); it too must export with a dynamic batch and match in ORT."""
+    torch.manual_seed(0)
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=24, horizon=40, channels=C, n_experts=2, windows=windows))
+    path = export_onnx(model, tmp_path / "long.onnx")
+    g = torch.Generator().manual_seed(2)
+    x, xm = torch.randn(5, 24, C, generator=g), torch.rand(5, 24, F, generator=g) - 0.5
+    assert verify_onnx(model, path, x, xm) <= ATOL
