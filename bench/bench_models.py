@@ -56,12 +56,14 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
     static = torch.randn(d_llm, generator=g).to(device)
     shared = {"static_emb": static, "dynamic_table": table[lo:hi + 1].to(device), "dynamic_index": (index - lo).to(device)}
     per_window = {"static_emb": static, "dynamic_emb": table[index].to(device)}
-    models = [
+    def lemole(**options):
+        return lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm, **options))
+
+    models = [   # (name, how the dynamic prompts are fed, builder, text inputs)
         ("rlinear_mole", None, lambda: RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=4)), {}),
-        ("lemole", "table", lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), shared),
-        ("lemole", "per_window", lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=d_llm)), per_window),
-        ("lemole_no_text", None, lambda: LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, use_static=False,
-                                                             use_dynamic=False)), {}),
+        ("lemole", "table", lemole(), shared),
+        ("lemole", "per_window", lemole(), per_window),
+        ("lemole_no_text", None, lemole(use_static=False, use_dynamic=False), {}),
     ]
     rows = []
     for (name, dynamic, build, kw), fused in ((item, f) for item in models for f in (False, True)):
