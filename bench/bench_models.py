@@ -1,7 +1,7 @@
 """Model-level benchmarks (issue: text conditioning).
 
     python bench/bench_models.py [--device cpu|cuda] [--out bench/results/models_<device>.jsonl] [--quick]
-                                 [--cold-cache ETTh1.csv]
+                                 [--threads N] [--batch-sizes B ...] [--cold-cache ETTh1.csv]
 
 - ``train_step``: one optimiser step (forward, MSE backward, Adam) of RLinearMoLE and LeMoLE at the
   same shapes, LeMoLE fed precomputed (cached) text embeddings, so the ratio is the cost of the text
@@ -139,6 +139,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], metavar="B",
+                   help="train_step batch sizes (L=512, H=96, C=7; default 8 32)")
     p.add_argument("--cold-cache", default=None, metavar="CSV",
                    help="only LeMoLE's first epoch with a cold vs warm embedding cache on this CSV")
     args = p.parse_args(argv)
@@ -148,7 +150,7 @@ def main(argv=None):
     out = Path(args.out or f"bench/results/models_{args.device}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(torch.device(args.device)), date=datetime.date.today().isoformat(), torch=torch.__version__)
-    shapes = [(8, 512, 96, 7, 384), (32, 512, 96, 7, 384)] if not args.quick else [(8, 96, 24, 7, 384)]
+    shapes = [(B, 512, 96, 7, 384) for B in args.batch_sizes] if not args.quick else [(8, 96, 24, 7, 384)]
     rows = []
     if args.cold_cache:
         rows += cold_cache_rows(args.device, args.cold_cache)

@@ -173,7 +173,11 @@ class LeMoLE(ForecastModel):
             if table.shape[0] > 2 * B * L:   # a big table: project only the rows these windows read
                 rows, index = torch.unique(index, return_inverse=True)
                 table = table.index_select(0, rows)
-            p = self.dynamic_proj(table.to(dtype))[index]                      # [B, L, 2C]
+            # Rows are gathered from the projected table laid out [2C, T], straight into the [2C, B, L]
+            # layout Linear(L -> H) reads (no [B, L, 2C] -> [B, 2C, L] copy; the backward is an index_add).
+            q = self.dynamic_proj(table.to(dtype)).t().contiguous()                          # [2C, T]
+            p = q.index_select(1, index.reshape(-1)).view(q.shape[0], B, L)                   # [2C, B, L]
+            return self.dynamic_time(p).permute(1, 0, 2)                                      # [B, 2C, H]
         else:
             if emb is None or emb.shape != (B, L, d):
                 raise ValueError(f"LeMoLE needs dynamic_emb [B, L, d_llm]=({B}, {L}, {d}) (or dynamic_table + "
