@@ -49,6 +49,16 @@ E=$DATA/ETT/ETTh1.csv
     echo "--model lemole --data $E --lookback 512 --horizon 720 --seed $S --no-dynamic-prompt --out $ROOT/text_etth1/lemole_static_H720_s$S"
     echo "--model rlinear_mole --data $E --lookback 512 --horizon 720 --head-dropout 0.2 --lr 0.001 --seed $S --out $ROOT/text_etth1/rlinear_mole_H720_s$S"
   done
+  # ETTh1, L=512: LeMoLE's public-code output form, CNN_final([Y'_D; Y'_S]) + Y (--output-form code).
+  for S in 2021 2022 2023; do
+    C="--model lemole --data $E --lookback 512 --output-form code --seed $S"
+    echo "$C --horizon 96 --out $ROOT/text_etth1_code/lemole_code_H96_s$S"
+    echo "$C --horizon 96 --no-dynamic-prompt --out $ROOT/text_etth1_code/lemole_code_static_H96_s$S"
+    echo "$C --horizon 96 --no-text --out $ROOT/text_etth1_code/lemole_code_notext_H96_s$S"
+  done
+  for S in 2021 2022 2023; do
+    echo "--model lemole --data $E --lookback 512 --output-form code --seed $S --horizon 720 --no-dynamic-prompt --out $ROOT/text_etth1_code/lemole_code_static_H720_s$S"
+  done
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
