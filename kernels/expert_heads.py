@@ -118,7 +118,10 @@ def revin_stats(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     sqrt(biased var + eps), each [B, 1, C]."""
     xf = x.detach().to(_compute_dtype(x))
     mean = xf.mean(dim=1, keepdim=True)
-    std = torch.sqrt(xf.var(dim=1, keepdim=True, unbiased=False) + eps)
+    # two-pass variance (as stable as torch.var): on a CPU, torch.var over the time axis of [B, L, C]
+    # (a strided reduction) is ~4x slower than these two means (0.63 vs 0.17 ms at [32, 512, 7])
+    var = (xf - mean).square().mean(dim=1, keepdim=True)
+    std = torch.sqrt(var + eps)
     return mean, std
 
 
