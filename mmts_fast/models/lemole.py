@@ -170,6 +170,10 @@ class LeMoLE(ForecastModel):
             if tuple(index.shape) != (B, L) or index.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"LeMoLE needs dynamic_index [B, L]=({B}, {L}) of int64 table rows, "
                                  f"got {tuple(index.shape)} {index.dtype}")
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= table.shape[0]:
+                raise ValueError(f"LeMoLE: dynamic_index reads rows {lo}..{hi} of a dynamic_table with "
+                                 f"{table.shape[0]} rows")
             if table.shape[0] > 2 * B * L:   # a big table: project only the rows these windows read
                 rows, index = torch.unique(index, return_inverse=True)
                 table = table.index_select(0, rows)

@@ -71,6 +71,10 @@ def test_lemole_errors_and_windows():
         m(t["x"], static_emb=t["static"], dynamic_emb=t["dynamic"], dynamic_table=table, dynamic_index=index)
     with pytest.raises(ValueError, match="dynamic_index"):
         m(t["x"], static_emb=t["static"], dynamic_table=table, dynamic_index=index[:, :-1])
+    with pytest.raises(ValueError, match=f"reads rows 1..{L} of a dynamic_table with {L} rows"):
+        m(t["x"], static_emb=t["static"], dynamic_table=table, dynamic_index=index + 1)
+    with pytest.raises(ValueError, match="reads rows -1"):
+        m(t["x"], static_emb=t["static"], dynamic_table=table, dynamic_index=index - 1)
     with pytest.raises(ValueError, match="longer than the lookback"):
         LeMoLEConfig(lookback=96, n_experts=2, windows=[96, 192])
     assert LeMoLEConfig(lookback=512).windows == [512, 336, 192, 96]   # the public code's windows
