@@ -160,35 +160,33 @@ class LeMoLE(ForecastModel):
     def _dynamic_film(self, B: int, L: int, dtype, emb, table, index) -> Tensor:
         """``[gamma_D - 1; beta_D]`` as ``[B, 2C, H]``: ``Linear(L -> H)`` over ``Linear(d_llm -> 2C)(Z_D)``."""
         d = self.config.d_llm
-        if table is not None or index is not None:
-            if emb is not None:
-                raise ValueError("LeMoLE: give dynamic_emb or dynamic_table + dynamic_index, not both")
-            if table is None or index is None or table.dim() != 2 or table.shape[1] != d:
-                raise ValueError(f"LeMoLE needs dynamic_table [T, d_llm={d}] together with dynamic_index [B, L], "
-                                 f"got {None if table is None else tuple(table.shape)} and "
-                                 f"{None if index is None else tuple(index.shape)}")
-            if tuple(index.shape) != (B, L) or index.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"LeMoLE needs dynamic_index [B, L]=({B}, {L}) of int64 table rows, "
-                                 f"got {tuple(index.shape)} {index.dtype}")
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= table.shape[0]:
-                raise ValueError(f"LeMoLE: dynamic_index reads rows {lo}..{hi} of a dynamic_table with "
-                                 f"{table.shape[0]} rows")
-            if table.shape[0] > 2 * B * L:   # a big table: project only the rows these windows read
-                rows, index = torch.unique(index, return_inverse=True)
-                table = table.index_select(0, rows)
-            # Rows are gathered from the projected table laid out [2C, T], straight into the [2C, B, L]
-            # layout Linear(L -> H) reads (no [B, L, 2C] -> [B, 2C, L] copy; the backward is an index_add).
-            q = self.dynamic_proj(table.to(dtype)).t().contiguous()                          # [2C, T]
-            p = q.index_select(1, index.reshape(-1)).view(q.shape[0], B, L)                   # [2C, B, L]
-            return self.dynamic_time(p).permute(1, 0, 2)                                      # [B, 2C, H]
-        else:
+        if table is None and index is None:                                   # per-window embeddings
             if emb is None or emb.shape != (B, L, d):
                 raise ValueError(f"LeMoLE needs dynamic_emb [B, L, d_llm]=({B}, {L}, {d}) (or dynamic_table + "
                                  f"dynamic_index), got {None if emb is None else tuple(emb.shape)}; "
                                  f"or build it with use_dynamic=False")
-            p = self.dynamic_proj(emb.to(dtype))
-        return self.dynamic_time(p.transpose(1, 2))
+            return self.dynamic_time(self.dynamic_proj(emb.to(dtype)).transpose(1, 2))
+        if emb is not None:
+            raise ValueError("LeMoLE: give dynamic_emb or dynamic_table + dynamic_index, not both")
+        if table is None or index is None or table.dim() != 2 or table.shape[1] != d:
+            raise ValueError(f"LeMoLE needs dynamic_table [T, d_llm={d}] together with dynamic_index [B, L], "
+                             f"got {None if table is None else tuple(table.shape)} and "
+                             f"{None if index is None else tuple(index.shape)}")
+        if tuple(index.shape) != (B, L) or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"LeMoLE needs dynamic_index [B, L]=({B}, {L}) of int64 table rows, "
+                             f"got {tuple(index.shape)} {index.dtype}")
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= table.shape[0]:
+            raise ValueError(f"LeMoLE: dynamic_index reads rows {lo}..{hi} of a dynamic_table with "
+                             f"{table.shape[0]} rows")
+        if table.shape[0] > 2 * B * L:   # a big table: project only the rows these windows read
+            rows, index = torch.unique(index, return_inverse=True)
+            table = table.index_select(0, rows)
+        # Rows are gathered from the projected table laid out [2C, T], straight into the [2C, B, L]
+        # layout Linear(L -> H) reads (no [B, L, 2C] -> [B, 2C, L] copy; the backward is an index_add).
+        q = self.dynamic_proj(table.to(dtype)).t().contiguous()                          # [2C, T]
+        p = q.index_select(1, index.reshape(-1)).view(q.shape[0], B, L)                   # [2C, B, L]
+        return self.dynamic_time(p).permute(1, 0, 2)                                      # [B, 2C, H]
 
     def _stack(self, branches: list) -> Tensor:
         """``[B, n*C, H]``: branch-major, or channel-major when the CNNs are grouped per channel."""
