@@ -18,6 +18,14 @@ except ImportError:  # pragma: no cover - platforms without triton
 POISON = False  # tests set this: outputs start as NaN, so an element a kernel never writes fails
 
 
+def require_float(op: str, **tensors) -> None:
+    """ValueError naming the first tensor that is not floating point (an int tensor would otherwise
+    turn the eager path's matmuls into integer ones, with the weights truncated)."""
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {t.dtype}")
+
+
 def alloc(*shape, like: Tensor, dtype=None) -> Tensor:
     """``torch.empty`` on ``like``'s device (NaN-filled when ``POISON``)."""
     dtype = dtype or like.dtype

@@ -90,6 +90,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) 
         raise ValueError(f"gqa_attention: head dim D={D} is not supported: 1 <= D <= {MAX_HEAD_DIM}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"gqa_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _common.require_float("gqa_attention", q=q)
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"gqa_attention: key_padding_mask must be [B={B}, Lk={Lk}], got "

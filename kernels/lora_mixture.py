@@ -155,6 +155,8 @@ def _check(x, weight, bias, lora_a, lora_b, gates, segments, name="lora_mixture"
                          f"([M, d_out, r])")
     d_out = lora_b.shape[1]
     nf4 = _as_nf4(weight)
+    _common.require_float(name, x=x, lora_a=lora_a, lora_b=lora_b, gates=gates, bias=bias,
+                  weight=weight if nf4 is None else None)
     if nf4 is not None:
         wshape = nf4.shape
     elif weight is not None:
@@ -904,6 +906,7 @@ def lora_amr(x: Tensor, weight, bias: Optional[Tensor], lora_c: Tensor, lora_d: 
         raise ValueError(f"lora_amr: lora_c must be [M, r, r'={lora_d.shape[0]}], got {tuple(lora_c.shape)}")
     if lora_d.requires_grad and torch.is_grad_enabled():
         raise ValueError("lora_amr: D is frozen (no dD is computed); pass lora_d.detach()")
+    _common.require_float("lora_amr", lora_c=lora_c, lora_d=lora_d)
     a_shape = torch.empty(lora_c.shape[0], lora_c.shape[1], x.shape[-1], device="meta")
     d = _check(x, weight, bias, a_shape, lora_b, gates, None, name="lora_amr")
     y = _LoraAMR.apply(x.reshape(d.T, d.d_in), bias, lora_c, lora_d, lora_b, gates.reshape(d.T, d.M),

@@ -185,6 +185,10 @@ def test_bad_inputs(backend):
             eh.expert_heads(x[:, :10], w, b, g)
         with pytest.raises(ValueError, match="does not broadcast"):
             eh.expert_heads(x, w, b, g, film_gamma=torch.ones(5, device=x.device))
+        with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+            eh.expert_heads(x.round().long(), w, b, g)       # would be an integer matmul, weights truncated
+        with pytest.raises(ValueError, match="gates must be a floating-point tensor"):
+            eh.expert_heads(x, w, b, (g > 0.5).int())
 
 
 def test_import_does_not_load_triton():

@@ -248,6 +248,8 @@ def test_bad_inputs(backend):
             ga.gqa_attention(q[:1], k, k)
         with pytest.raises(ValueError, match="share a dtype"):
             ga.gqa_attention(q, k.double(), k.double())
+        with pytest.raises(ValueError, match="q must be a floating-point tensor"):
+            ga.gqa_attention(q.long(), k.long(), k.long())
 
 
 def test_ops_wrapper():

@@ -341,6 +341,12 @@ def test_bad_inputs(backend):
             lm.lora_mixture(x, w, b, A, B, g[:2], segments=0)
         with pytest.raises(ValueError, match="lora_c must be"):
             lm.lora_amr(x, w, b, A, torch.zeros(3, 24, device=DEVICE), B, g)
+        with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+            lm.lora_mixture(x.round().long(), w, b, A, B, g)
+        with pytest.raises(ValueError, match="lora_b must be a floating-point tensor"):
+            lm.lora_mixture(x, w, b, A, B.long(), g)
+        with pytest.raises(ValueError, match="lora_c must be a floating-point tensor"):
+            lm.lora_amr(x, w, b, A[:, :, :8].long(), torch.randn(8, 24, device=DEVICE), B, g)
 
 
 def test_ops_wrappers_are_lazy():
