@@ -53,10 +53,10 @@ class _Positional(nn.Module):
 @contextlib.contextmanager
 def _reference_mode(model: nn.Module):
     """The model in eval mode, on CPU, floating tensors in fp32, ops on the torch backend; every
-    parameter and buffer gets its own device and dtype back afterwards, and the training flag too."""
+    parameter and buffer gets its own tensor back afterwards (same device, dtype and bits: an fp64
+    model is not rounded through fp32), and the training flag too."""
     was_training = model.training
-    saved = {name: (t.device, t.dtype) for name, t in
-             [*model.named_parameters(), *model.named_buffers()]}
+    saved = {name: t.data for name, t in [*model.named_parameters(), *model.named_buffers()]}
     try:
         model.to(device="cpu", dtype=torch.float32)   # dtype applies to floating tensors only
         model.eval()
@@ -64,15 +64,15 @@ def _reference_mode(model: nn.Module):
             yield model
     finally:
         model.train(was_training)
-        for name, (device, dtype) in saved.items():
+        for name, original in saved.items():
             owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
             t = getattr(module, attr)
-            if t.device != device or t.dtype != dtype:
+            if t.data is not original:
                 if isinstance(t, nn.Parameter):
-                    t.data = t.data.to(device, dtype)
+                    t.data = original
                 else:
-                    module._buffers[attr] = t.to(device, dtype)
+                    module._buffers[attr] = original
 
 
 def _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs):

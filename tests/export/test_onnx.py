@@ -160,13 +160,18 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
 def test_restores_device_dtype_and_mode():
     model = make("rmlp").double().train()
+    with torch.no_grad():   # values that fp32 cannot hold exactly: a round trip through fp32 would move them
+        for p in model.parameters():
+            p.normal_()
     params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
     with onnx_export._reference_mode(model):
         assert not model.training
         assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
     assert model.training
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert all(params[n] is p for n, p in model.named_parameters()), "same Parameter objects (optimisers)"
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "same bits, not fp32-rounded"
 
 
 class _WithText(nn.Module):
