@@ -40,6 +40,11 @@ class GQAttention(nn.Module):
                 raise ValueError(f"GQAttention: d_model={d_model} is not divisible by n_heads={n_heads}; "
                                  f"pass head_dim")
             head_dim = d_model // n_heads
+        from mmts_fast.kernels.gqa_attention import MAX_HEAD_DIM
+        if not 1 <= head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"GQAttention: head_dim={head_dim} (d_model={d_model} / n_heads={n_heads}) is not "
+                             f"supported by gqa_attention: 1 <= head_dim <= {MAX_HEAD_DIM}; use more heads or "
+                             f"pass head_dim")
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.d_context = d_model if d_context is None else d_context
         self.scale = scale

@@ -294,6 +294,10 @@ def test_gqattention_module_errors():
     from mmts_fast.nn.attention import GQAttention
     with pytest.raises(ValueError, match="multiple of"):
         GQAttention(32, n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match=r"head_dim=144 \(d_model=576 / n_heads=4\) is not supported"):
+        GQAttention(576, n_heads=4)          # at construction, not at the first forward
+    with pytest.raises(ValueError, match="head_dim=0"):
+        GQAttention(32, n_heads=4, head_dim=0)
     mod = GQAttention(32, n_heads=4, n_kv_heads=2, d_context=20)
     with pytest.raises(ValueError, match="context"):
         mod(torch.randn(1, 3, 32))
