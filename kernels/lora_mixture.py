@@ -261,13 +261,15 @@ def _segment_delta_reference(y: Tensor, x2: Tensor, A: Tensor, B: Tensor, g: Ten
     segment uses: one shrink for them all, then one matmul against the gate-scaled stacked B."""
     S, M = g.shape
     d_out, r = B.shape[1], B.shape[2]
-    used = g.ne(0).any(0).nonzero().squeeze(1)                # experts used by at least one segment
-    k = used.numel()
-    if k == 0:
-        return y
-    u = x2 @ A[used].reshape(k * r, -1).T                     # [T, k*r]: all used experts' shrinks
-    coef = scale * g[segment_ids(d_out, S, g.device)][:, used]           # [d_out, k]: gate of column's segment
-    b_mix = (B[used].permute(1, 0, 2) * coef[:, :, None]).reshape(d_out, k * r)
+    coef = scale * g[segment_ids(d_out, S, g.device)]         # [d_out, M]: gate of each column's segment
+    if not torch.compiler.is_exporting():   # export keeps every expert (static shapes; unused ones weigh 0)
+        used = g.ne(0).any(0).nonzero().squeeze(1)            # experts used by at least one segment
+        if used.numel() == 0:
+            return y
+        A, B, coef = A[used], B[used], coef[:, used]
+    k = A.shape[0]
+    u = x2 @ A.reshape(k * r, -1).T                           # [T, k*r]: all used experts' shrinks
+    b_mix = (B.permute(1, 0, 2) * coef[:, :, None]).reshape(d_out, k * r)
     return y + u @ b_mix.T
 
 

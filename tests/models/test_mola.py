@@ -66,3 +66,21 @@ def test_mola_cli(tmp_path):
     main(["export", str(out)])
     with pytest.raises(SystemExit, match="unknown MoLA backbone"):
         main(["train", "--model", "mola", "--backbone", "patchtst", "--out", str(tmp_path / "x"), "--quiet"])
+
+
+def test_mola_exports_with_dynamo(tmp_path, caplog):
+    """The segment mixture keeps every expert under export (no data-dependent shapes): the dynamo exporter
+    takes it (it used to fail on the used-expert selection and fall back to TorchScript), and the file
+    matches PyTorch in ONNX Runtime."""
+    import logging
+
+    from mmts_fast.export.onnx import export_onnx, verify_onnx
+    torch.manual_seed(0)
+    bb = RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=1, channels=C, n_experts=2))
+    m = MoLA.from_backbone(bb, horizon=H, segments=3, n_lora=4, rank=4).eval()
+    with torch.no_grad():
+        m.lora_b.normal_()
+    caplog.set_level(logging.INFO, logger="mmts_fast.export.onnx")
+    path = export_onnx(m, tmp_path / "mola.onnx")
+    assert "with the dynamo exporter" in caplog.text and "falling back" not in caplog.text
+    assert verify_onnx(m, path, *data(1)) <= 1e-4
