@@ -125,6 +125,21 @@ def load_tokenizer(name_or_path: str | os.PathLike = "smollm2"):
     return load_hf_tokenizer(path, gguf)
 
 
+def _gguf_block_count(file: Path) -> int | None:
+    """The decoder layer count in a GGUF file's metadata (``<architecture>.block_count``), or None."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(file)).fields
+
+    def value(key):
+        f = fields.get(key)
+        return None if f is None or not f.data else f.parts[f.data[0]]
+
+    arch = value("general.architecture")
+    count = value(f"{bytes(arch).decode()}.block_count") if arch is not None else None
+    return None if count is None else int(count[0])
+
+
 def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | None = None,
                   dtype: torch.dtype = torch.float32, load_in_4bit: bool = False, *, lm_head: bool = False,
                   device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -146,8 +161,10 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
     """
     if n_layers is not None and n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if isinstance(dtype, str):   # "bfloat16" / "torch.bfloat16", as Hugging Face configs spell it
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -161,10 +178,12 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
         except ImportError as e:  # pragma: no cover - gguf is a dependency
             raise ImportError("loading a GGUF model needs the gguf package: pip install gguf") from e
         kwargs["gguf_file"] = gguf
+        if n_layers is not None:   # the header's layer count, before any weight is read
+            total = _gguf_block_count(path / gguf)
     else:
         total = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
-        if n_layers is not None and total is not None and n_layers > total:
-            raise ValueError(f"n_layers={n_layers} but {path} has {total} decoder layers")
+    if n_layers is not None and total is not None and n_layers > total:
+        raise ValueError(f"n_layers={n_layers} but {name} has {total} decoder layers")
     if n_layers is not None:
         kwargs["num_hidden_layers"] = n_layers
     quantize_after = load_in_4bit and gguf is not None

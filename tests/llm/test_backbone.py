@@ -48,6 +48,8 @@ def test_folder_first_k_layers(tiny_dir):
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="has 3 decoder layers"):
         load_backbone(str(d), n_layers=4)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16, got torch.int8"):
+        load_backbone(str(d), n_layers=1, dtype="int8")
 
 
 def test_folder_nf4_with_lm_head(tiny_dir):
@@ -83,6 +85,18 @@ def test_smollm2_dense(smol):
     assert not any(p.requires_grad for p in model.parameters())
     # embeddings 49152 x 576 + 2 layers + final norm
     assert info["n_params"] == sum(p.numel() for p in model.parameters()) and info["bytes_4bit"] == 0
+
+
+def test_smollm2_too_many_layers_fails_fast():
+    """n_layers beyond the GGUF's 30 layers fails from the file's header, before any weight is
+    de-quantised (that took ~70 s), and says how many layers there are; dtype may be a string."""
+    import time
+    from conftest import require_smollm2
+    require_smollm2()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="n_layers=99 but smollm2 has 30 decoder layers"):
+        load_backbone("smollm2", n_layers=99, dtype="bfloat16")
+    assert time.perf_counter() - t0 < 30
 
 
 def test_smollm2_nf4_smaller(smol):
