@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmts_fast.data.tslib import ForecastDataset, TimeSeriesTable
+from mmts_fast.data.tslib import ForecastDataset, TimeSeriesTable, parse_cell, read_rows
 
 __all__ = ["TextRecord", "TimeMMDTexts", "load_timemmd", "load_texts", "align_texts", "TimeMMDDataset"]
 
@@ -84,45 +83,59 @@ def _domain_files(domain_dir_or_csv: str | Path) -> tuple[Path, Path, str]:
     return csv_path, csv_path.parent, csv_path.stem
 
 
-def _parse_float(cell: str) -> float | None:
-    try:
-        v = float(cell)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
-    """The numeric channels of a Time-MMD file; columns with any non-numeric/empty cell are dropped."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    """The numeric channels of a Time-MMD file, ``target`` last.
+
+    A column with any empty, non-numeric or NaN/inf cell is dropped (Time-MMD files carry text
+    columns such as Health_US's ``REGION``) with a warning naming it and its first bad cell; the
+    names are kept in ``table.dropped_columns`` and the reasons in ``table.dropped_reasons``. The
+    ``target`` column is never dropped: a bad cell there raises a ``ValueError`` naming the file,
+    row (1-based line number), date, column and value, as :func:`~mmts_fast.data.tslib.load_csv`
+    does.
+    """
+    rows, lines = read_rows(csv_path)
     if len(rows) < 2:
         raise ValueError(f"{csv_path}: no data rows")
     header = [h.strip() for h in rows[0]]
     if "date" not in header:
         raise ValueError(f"{csv_path}: no 'date' column in the header {header}")
-    body = rows[1:]
-    for i, r in enumerate(body):
+    body, body_lines = rows[1:], lines[1:]
+    for r, line in zip(body, body_lines):
         if len(r) != len(header):
-            raise ValueError(f"{csv_path}: row {i + 2} has {len(r)} fields, the header has {len(header)}")
+            raise ValueError(f"{csv_path}: row {line} has {len(r)} fields, the header has {len(header)}")
     d = header.index("date")
-    try:
-        dates = [datetime.fromisoformat(r[d].strip()) for r in body]
-    except ValueError as e:
-        raise ValueError(f"{csv_path}: unparseable date ({e})") from None
+    dates = []
+    for r, line in zip(body, body_lines):
+        cell = r[d].strip()
+        try:
+            dates.append(datetime.fromisoformat(cell))
+        except ValueError:
+            raise ValueError(f"{csv_path}: unparseable date {cell!r} in row {line}, column 'date'") from None
 
-    names, cols, dropped = [], [], []
+    names, cols, dropped, reasons = [], [], [], {}
     for j, h in enumerate(header):
         if h in DATE_COLUMNS or h == "":
             continue
-        vals = [_parse_float(r[j].strip()) for r in body]
-        if any(v is None for v in vals):
-            dropped.append(h)
+        vals: list[float] = []
+        for r, line in zip(body, body_lines):
+            v, problem = parse_cell(r[j])
+            if problem is not None:
+                where = f"{problem} in row {line} (date {r[d].strip()})"
+                if h == target:
+                    raise ValueError(
+                        f"{csv_path}: {where}, column {h!r}: the target column must be numeric in every "
+                        "row (fix or fill the cell, or choose another target)"
+                    )
+                dropped.append(h)
+                reasons[h] = where
+                break
+            vals.append(v)
         else:
             names.append(h)
             cols.append(vals)
     if dropped:
-        logger.info("%s: dropped non-numeric columns %s", csv_path.name, dropped)
+        logger.warning("%s: dropped %d column(s) with non-numeric cells (not used as channels): %s",
+                       csv_path.name, len(dropped), "; ".join(f"column {h!r}: {reasons[h]}" for h in dropped))
     if not names:
         raise ValueError(f"{csv_path}: no numeric channel columns in {header}")
     values = np.asarray(cols, dtype=np.float64).T
@@ -132,6 +145,7 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
         names, values = [names[k] for k in order], values[:, order]
     table = TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(csv_path))
     table.dropped_columns = dropped  # type: ignore[attr-defined]
+    table.dropped_reasons = reasons  # type: ignore[attr-defined]
     return table
 
 
@@ -173,7 +187,8 @@ def load_texts(folder: str | Path, domain: str) -> TimeMMDTexts:
 
 def load_timemmd(domain_dir_or_csv: str | Path, target: str = "OT") -> tuple[TimeSeriesTable, TimeMMDTexts]:
     """A Time-MMD domain: ``(table, texts)``. The table keeps the numeric channels only (dropped
-    columns are logged and listed in ``table.dropped_columns``); ``texts`` are sorted by end_date."""
+    columns are logged as a warning and listed in ``table.dropped_columns``); the ``target``
+    column is never dropped: a bad cell in it is a ``ValueError``. ``texts`` are sorted by end_date."""
     csv_path, folder, domain = _domain_files(domain_dir_or_csv)
     return _read_numeric(csv_path, target), load_texts(folder, domain)
 

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "TimeSeriesTable",
     "load_csv",
+    "parse_cell",
+    "read_rows",
     "time_features",
     "infer_freq",
     "split_borders",
@@ -66,6 +68,36 @@ class TimeSeriesTable:
 # --------------------------------------------------------------------------------------- CSV
 
 
+def read_rows(path: Path) -> tuple[list[list[str]], list[int]]:
+    """The non-blank records of a CSV file and, for each, its 1-based line number in the file
+    (blank lines are skipped but still counted, so error messages point at the right line)."""
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        for r in reader:
+            if any(cell.strip() for cell in r):
+                rows.append(r)
+                lines.append(reader.line_num)
+    return rows, lines
+
+
+def parse_cell(cell: str) -> tuple[float, None] | tuple[None, str]:
+    """``(value, None)`` for a finite number, else ``(None, problem)`` where ``problem`` is
+    ``"empty value"``, ``"non-numeric value 'abc'"`` or ``"NaN/inf value 'nan'"`` (the wording
+    of the loaders' error messages: ``"<file>: <problem> in row <line>, column <name>"``)."""
+    cell = cell.strip()
+    if cell == "":
+        return None, "empty value"
+    try:
+        v = float(cell)
+    except ValueError:
+        return None, f"non-numeric value {cell!r}"
+    if not math.isfinite(v):
+        return None, f"NaN/inf value {cell!r}"
+    return v, None
+
+
 def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
     """Read a TSLib-style CSV: a ``date`` column plus numeric channels.
 
@@ -76,8 +108,7 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows, lines = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file is empty (no header row)")
     header = [h.strip() for h in rows[0]]
@@ -89,13 +120,13 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
         raise ValueError(f"{path}: zero channels (only 'date' and ignored columns in {header})")
     names = [header[j] for j in chan_idx]
 
-    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]  # skip blank lines
+    body = rows[1:]
     if not body:
         raise ValueError(f"{path}: no data rows")
     dates: list[datetime] = []
     values = np.empty((len(body), len(chan_idx)), dtype=np.float64)
     for i, row in enumerate(body):
-        line = i + 2  # header is line 1
+        line = lines[i + 1]
         if len(row) != len(header):
             raise ValueError(f"{path}: row {line} has {len(row)} fields, the header has {len(header)}")
         cell = row[date_idx].strip()
@@ -104,17 +135,9 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
         except ValueError:
             raise ValueError(f"{path}: unparseable date {cell!r} in row {line}, column 'date'") from None
         for k, j in enumerate(chan_idx):
-            cell = row[j].strip()
-            if cell == "":
-                raise ValueError(f"{path}: empty value in row {line}, column {header[j]!r}")
-            try:
-                v = float(cell)
-            except ValueError:
-                raise ValueError(
-                    f"{path}: non-numeric value {cell!r} in row {line}, column {header[j]!r}"
-                ) from None
-            if not math.isfinite(v):
-                raise ValueError(f"{path}: NaN/inf value {cell!r} in row {line}, column {header[j]!r}")
+            v, problem = parse_cell(row[j])
+            if problem is not None:
+                raise ValueError(f"{path}: {problem} in row {line}, column {header[j]!r}")
             values[i, k] = v
 
     if target in names:
@@ -288,6 +311,11 @@ class ForecastDataset(Dataset):
             t = columns.index(target)
             order = [k for k in range(len(columns)) if k != t] + [t]
             columns, values = [columns[k] for k in order], values[:, order]
+        elif target in (getattr(table, "dropped_columns", None) or ()):
+            # a Time-MMD table loaded for another target: the column was dropped as non-numeric
+            reason = (getattr(table, "dropped_reasons", None) or {}).get(target, "non-numeric cells")
+            raise ValueError(f"{table.name}: target column {target!r} was dropped when loading: {reason}; "
+                             f"load the table with target={target!r} to get the error for the bad cell")
         elif features in ("S", "MS"):
             raise ValueError(f"{table.name}: target column {target!r} not found in {columns}")
         if features == "S":

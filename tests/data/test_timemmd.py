@@ -2,6 +2,8 @@
 leakage rule (a window sees only texts that end at or before its last step)."""
 from __future__ import annotations
 
+import logging
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -67,6 +69,74 @@ def test_toy_domain_texts_and_columns(tmp_path):
     assert np.array_equal(table2.values, table.values) and texts2.texts == texts.texts
 
 
+def set_cell(domain: Path, data_row: int, column: str, value: str) -> None:
+    """Overwrite one cell of the domain's numerical csv (``data_row`` 0-based, i.e. file line + 2)."""
+    csv_path = domain / f"{domain.name}.csv"
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[data_row + 1].split(",")
+    cells[header.index(column)] = value
+    lines[data_row + 1] = ",".join(cells)
+    csv_path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("bad, problem", [("NaN", "NaN/inf value 'NaN'"), ("", "empty value"),
+                                          ("n/a", "non-numeric value 'n/a'")])
+def test_bad_cell_in_target_raises_not_dropped(tmp_path, bad, problem):
+    d = write_domain(tmp_path)
+    set_cell(d, 9, "OT", bad)  # line 11, 2020-01-10
+    msg = re.escape(f"{d / 'Toy.csv'}: {problem} in row 11 (date 2020-01-10), column 'OT'")
+    with pytest.raises(ValueError, match=msg):
+        load_timemmd(d)
+    for features in ("M", "S"):  # the dataset path the CLI takes: the same error, never "not found"
+        with pytest.raises(ValueError, match=msg):
+            TimeMMDDataset(d, "train", lookback=6, horizon=2, features=features)
+
+
+def test_bad_cell_in_other_column_dropped_with_warning(tmp_path, caplog):
+    d = write_domain(tmp_path)
+    set_cell(d, 3, "value", "x")  # line 5, 2020-01-04
+    with caplog.at_level(logging.WARNING, logger="mmts_fast.data.timemmd"):
+        table, _ = load_timemmd(d)
+    assert table.columns == ["OT"] and table.dropped_columns == ["label", "value"]
+    assert np.array_equal(table.values[:, 0], np.arange(60, dtype=np.float32))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "Toy.csv" in msg
+    assert "column 'label': non-numeric value 'lo' in row 2 (date 2020-01-01)" in msg
+    assert "column 'value': non-numeric value 'x' in row 5 (date 2020-01-04)" in msg
+    assert table.dropped_reasons["value"] == "non-numeric value 'x' in row 5 (date 2020-01-04)"
+
+
+def test_explicit_target_with_bad_cell_raises(tmp_path):
+    d = write_domain(tmp_path)
+    table, _ = load_timemmd(d)  # 'label' dropped by design under the default target
+    assert "label" in table.dropped_columns
+    where = re.escape("non-numeric value 'lo' in row 2 (date 2020-01-01)")
+    msg = where + re.escape(", column 'label'")
+    with pytest.raises(ValueError, match=msg):
+        load_timemmd(d, target="label")
+    with pytest.raises(ValueError, match=msg):
+        TimeMMDDataset(d, "train", lookback=6, horizon=2, features="S", target="label")
+    # a table loaded for another target: the dataset says the column was dropped, not "not found"
+    for features in ("M", "S"):
+        with pytest.raises(ValueError, match="target column 'label' was dropped when loading: " + where):
+            TimeMMDDataset(load_timemmd(d), "train", lookback=6, horizon=2, features=features, target="label")
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    d = write_domain(tmp_path)
+    csv_path = d / "Toy.csv"
+    lines = csv_path.read_text().splitlines()
+    lines.insert(3, "")  # a blank line 4: the data row of 2020-01-10 moves to line 12
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert len(load_timemmd(d)[0]) == 60
+    set_cell(d, 10, "OT", "bad")  # file line 12 (the blank line is line 4)
+    with pytest.raises(ValueError, match=re.escape("'bad' in row 12 (date 2020-01-10), column 'OT'")):
+        load_timemmd(d)
+
+
 def test_align_equal_dates_at_the_boundary():
     text_end = [datetime(2020, 1, 10), datetime(2020, 1, 10), datetime(2020, 1, 20)]
     windows = [datetime(2020, 1, 9), datetime(2020, 1, 10), datetime(2020, 1, 10, 0, 0, 1),
@@ -128,6 +198,10 @@ def test_health_us_drops_non_numeric_columns():
     ds = TimeMMDDataset((table, texts), "test", lookback=36, horizon=12)
     assert ds.n_channels == len(table.columns)
     assert_no_leakage(ds.window_end_dates, texts.end_dates, ds.text_idx)
+    # 'AGE 25-64' has 'X' cells: dropped as a channel, an error as the target (not "not found")
+    assert "AGE 25-64" in table.dropped_columns
+    with pytest.raises(ValueError, match=re.escape("'X' in row 629 (date 2009-09-28), column 'AGE 25-64'")):
+        load_timemmd(path, target="AGE 25-64")
 
 
 def test_texts_container_sorts():

@@ -218,6 +218,14 @@ def test_error_nan_and_empty_cells(tmp_path):
         load_csv(path)
 
 
+def test_error_row_is_the_file_line_with_blank_lines(tmp_path):
+    path = write_csv(tmp_path / "blank.csv", 10, bad={(6, 2): "oops"})  # line 8
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + ["", ""] + lines[3:]) + "\n")  # two blank lines before it
+    with pytest.raises(ValueError, match=r"non-numeric value 'oops' in row 10, column 'OT'"):
+        load_csv(path)
+
+
 def test_error_bad_date_and_no_channels(tmp_path):
     path = write_csv(tmp_path / "date.csv", 10, bad={(2, 0): "yesterday"})
     with pytest.raises(ValueError, match=r"unparseable date 'yesterday' in row 4"):
