@@ -40,7 +40,12 @@ class MoLAConfig:
             raise ValueError(f"invalid MoLA settings: {self}")
         if self.segments > self.horizon:
             raise ValueError(f"segments={self.segments} is more than the horizon {self.horizon}")
-        if self.backbone and self.backbone.get("horizon", 1) != 1:
+        kind = self.backbone.get("model_type")
+        if kind not in BACKBONES.values():
+            raise ValueError(f"MoLA's backbone must be one of the MoLE family {sorted(BACKBONES.values())} "
+                             f"(config dict with 'model_type'), got {kind!r}; build MoLA with "
+                             f"MoLA.from_backbone(trained_one_step_model, horizon=...)")
+        if self.backbone.get("horizon", 1) != 1:
             raise ValueError("MoLA's backbone must be a one-step model (horizon=1, stage 1)")
 
     # the ForecastModel input checks read these

@@ -51,6 +51,11 @@ def test_mola_segments_literal():
 def test_mola_config_errors_and_persistence(tmp_path):
     with pytest.raises(ValueError, match="one-step"):
         MoLAConfig(backbone={"model_type": "rlinear_mole", "lookback": L, "horizon": 5, "channels": C})
+    with pytest.raises(ValueError, match="MoLE family .* got None; build MoLA with MoLA.from_backbone"):
+        MoLAConfig()                 # was a bare KeyError: 'model_type' when the model was built
+    from mmts_fast.models import LeMoLE, LeMoLEConfig
+    with pytest.raises(ValueError, match="got 'lemole'"):   # was an AttributeError at the first forward
+        MoLA.from_backbone(LeMoLE(LeMoLEConfig(lookback=L, horizon=1, channels=C, d_llm=8)), horizon=H)
     bb = RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=1, channels=C, n_experts=2))
     m = MoLA.from_backbone(bb, horizon=H)
     m.save_pretrained(tmp_path)
