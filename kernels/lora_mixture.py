@@ -246,10 +246,8 @@ def _token_delta_reference(y: Tensor, x2: Tensor, A: Tensor, B: Tensor, g: Tenso
     rows, experts = rows[order], experts[order]
     coef = scale * g[rows, experts]                           # gradient flows to the selected gates only
     counts = torch.bincount(experts, minlength=M).tolist()
-    none_selected = not any(counts)   # then expert 0 runs on zero rows: y still depends on x, A, B and the
-                                      # gates (zero gradients), as with the Triton op
     for m, (rows_m, coef_m) in enumerate(zip(rows.split(counts), coef.split(counts))):
-        if counts[m] == 0 and not (none_selected and m == 0):
+        if counts[m] == 0:
             continue                                          # unselected expert: never touched
         u = x2[rows_m] @ A[m].T                               # shrink  [P_m, r]
         y.index_add_(0, rows_m, (coef_m[:, None] * u) @ B[m].T)   # expand  [P_m, d_out], added per row
