@@ -820,7 +820,10 @@ def lora_mixture(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, lora
     Gradients for x, lora_a, lora_b, gates and bias. The weight is frozen: raises ValueError if it
     requires grad while grad mode is on. dgates is zero at unselected (zero) token gates; see the
     module docstring. Triton path (CUDA, or forced with TRITON_INTERPRET=1): every case, including
-    segments and NF4 weights; the reference otherwise.
+    segments and NF4 weights; the reference otherwise. When no token gate is non-zero, the reference
+    leaves lora_a, lora_b and gates out of the graph (their ``.grad`` stays None, so an optimiser skips
+    them, as for experts a router did not pick; with nothing else requiring grad the output has no
+    grad_fn), where the Triton op gives zero gradients.
     """
     if backend.resolve(x) == "torch":
         return lora_mixture_reference(x, weight, bias, lora_a, lora_b, gates, scale, segments=segments)
