@@ -102,19 +102,20 @@ def _example_inputs(model, lookback, channels, n_time_features, batch_size, extr
     return (x_enc, x_mark_enc), extras
 
 
-def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data):
+def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data, extra_axes):
+    """``extra_axes``: input name -> {axis: name} of further dynamic axes (the batch axis always is)."""
     common = dict(input_names=list(names), output_names=[OUTPUT_NAME], opset_version=opset)
+    axes = {n: {0: "batch", **extra_axes.get(n, {})} for n in names}
     if use_dynamo:
-        batch = torch.export.Dim("batch")
-        shapes = [{0: batch}, {0: batch}]
-        if len(args) > 2:   # forward(x_enc, x_mark_enc, *extras): torch.export nests the extras in a tuple
-            shapes.append(tuple({0: batch} for _ in args[2:]))
+        dims = {}
+        shapes = [{i: dims.setdefault(a, torch.export.Dim(a)) for i, a in axes[n].items()} for n in names]
+        shapes = shapes[:2] + ([tuple(shapes[2:])] if len(names) > 2 else [])   # torch.export nests the extras
         with warnings.catch_warnings():   # input_names renaming the already-named batch axis: harmless
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             torch.onnx.export(wrapper, args, str(out_file), dynamo=True, external_data=external_data,
                               dynamic_shapes=tuple(shapes), verbose=False, **common)
     else:   # writes external data by itself only past protobuf's 2 GiB limit
-        axes = {n: {0: "batch"} for n in (*names, OUTPUT_NAME)}
+        axes[OUTPUT_NAME] = {0: "batch"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)   # "legacy exporter": we know, see the log
             torch.onnx.export(wrapper, args, str(out_file), dynamo=False, dynamic_axes=axes, **common)
@@ -136,7 +137,8 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
         opset: ONNX opset of the default domain.
         extra_inputs: name -> example tensor (batch first) for extra keyword inputs of ``forward``;
             they become graph inputs after ``x_enc``, ``x_mark_enc``, in this order, with a
-            dynamic batch axis.
+            dynamic batch axis, and the further dynamic axes the model names in
+            ``export_dynamic_axes`` (MoME: the text length of ``text_hidden`` and ``text_mask``).
 
     Returns:
         The path written. Which exporter was used (``dynamo``, else the TorchScript fallback) is
@@ -147,6 +149,7 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
     args, extras = _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs)
     args = (*args, *extras.values())
     names = (*INPUT_NAMES, *extras)
+    extra_axes = {n: a for n, a in getattr(model, "export_dynamic_axes", {}).items() if n in extras}
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     external_data = n_bytes > _EMBED_LIMIT
     # Export into a private folder next to the target, under the final file name (so that an
@@ -158,14 +161,14 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
             wrapper = _Positional(model, tuple(extras)).eval()
             start = time.perf_counter()
             try:
-                _export(wrapper, args, names, out_file, opset, True, external_data)
+                _export(wrapper, args, names, out_file, opset, True, external_data, extra_axes)
                 exporter = "dynamo"
             except Exception as err:   # noqa: BLE001 - any dynamo failure: try the other exporter
                 logger.warning("dynamo ONNX export of %s failed (%s: %s); falling back to the "
                                "TorchScript exporter", type(model).__name__, type(err).__name__, err)
                 for leftover in tmp_dir.iterdir():
                     leftover.unlink()
-                _export(wrapper, args, names, out_file, opset, False, external_data)
+                _export(wrapper, args, names, out_file, opset, False, external_data, extra_axes)
                 exporter = "torchscript"
             seconds = time.perf_counter() - start
         if not out_file.is_file():

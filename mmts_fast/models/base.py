@@ -12,6 +12,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from mmts_fast._files import plain_file_mode
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -22,6 +24,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        plain_file_mode(tmp)   # readable by others as the umask allows, like any saved file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -29,11 +32,34 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _is_int(v) -> bool:
+    try:
+        return not isinstance(v, bool) and int(v) == v
+    except (TypeError, ValueError):
+        return False
+
+
 def require_positive(config, *names: str) -> None:
     """Config validation shared by every model: each named field must be an integer >= 1."""
     for name in names:
-        if int(getattr(config, name)) < 1:
-            raise ValueError(f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}")
+        v = getattr(config, name)
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be an integer >= 1, got {v!r}")
+
+
+def check_windows(windows, n_experts: int, lookback: int) -> list[int]:
+    """Per-expert lookback windows as ints: one per expert, each an integer in [1, lookback]."""
+    if not all(_is_int(w) for w in windows):
+        raise ValueError(f"expert windows must be integers, got {list(windows)}")
+    windows = [int(w) for w in windows]
+    if len(windows) != n_experts:
+        raise ValueError(f"{len(windows)} windows for {n_experts} experts (one window per expert)")
+    if any(w < 1 for w in windows):
+        raise ValueError(f"expert windows must be >= 1, got {windows}")
+    if any(w > lookback for w in windows):
+        raise ValueError(f"expert windows {[w for w in windows if w > lookback]} are longer than the lookback "
+                         f"{lookback}")
+    return windows
 
 
 class ForecastModel(nn.Module):
@@ -43,6 +69,8 @@ class ForecastModel(nn.Module):
 
     model_type: ClassVar[str] = ""
     config_class: ClassVar[type] = None
+    # extra keyword inputs' axes, besides the batch axis, that an ONNX export keeps dynamic: {name: {axis: name}}
+    export_dynamic_axes: ClassVar[dict] = {}
 
     def __init__(self, config):
         super().__init__()
@@ -63,9 +91,17 @@ class ForecastModel(nn.Module):
         if x_mark_enc is not None and (x_mark_enc.dim() != 3 or x_mark_enc.shape[:2] != x_enc.shape[:2]):
             raise ValueError(f"{type(self).__name__}: x_mark_enc must be [B, L, F] matching x_enc "
                              f"{tuple(x_enc.shape[:2])}, got {tuple(x_mark_enc.shape)}")
+        for name, t in (("x_enc", x_enc), ("x_mark_enc", x_mark_enc)):
+            if t is not None and not t.is_floating_point():
+                raise ValueError(f"{type(self).__name__}: {name} must be a floating-point tensor, got {t.dtype}")
+        if not any(p.dtype == x_enc.dtype for p in self.parameters() if p.is_floating_point()):
+            dtypes = sorted({str(p.dtype) for p in self.parameters() if p.is_floating_point()})
+            raise ValueError(f"{type(self).__name__}: x_enc is {x_enc.dtype} but the model's weights are "
+                             f"{', '.join(dtypes)}; convert one of them (x_enc.to(...) or model.to(...))")
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-            if not torch.isfinite(x_enc).all():
-                raise ValueError(f"{type(self).__name__}: x_enc contains NaN or inf")
+            for name, t in (("x_enc", x_enc), ("x_mark_enc", x_mark_enc)):
+                if t is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"{type(self).__name__}: {name} contains NaN or inf")
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:

@@ -24,7 +24,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, require_positive
+from mmts_fast.models.base import ForecastModel, check_windows, require_positive
 from mmts_fast.nn import MultiExpertHeads, RevIN
 
 PUBLIC_WINDOWS_512 = (512, 336, 192, 96, 96)
@@ -58,12 +58,7 @@ class LeMoLEConfig:
             raise ValueError(f"output_form must be 'paper' or 'code', got {self.output_form!r}")
         if self.windows is None:
             self.windows = default_windows(self.lookback, self.n_experts)
-        self.windows = [int(w) for w in self.windows]
-        if len(self.windows) != self.n_experts:
-            raise ValueError(f"{len(self.windows)} windows for {self.n_experts} experts")
-        bad = [w for w in self.windows if not 1 <= w <= self.lookback]
-        if bad:
-            raise ValueError(f"expert windows {bad} are longer than the lookback {self.lookback}")
+        self.windows = check_windows(self.windows, self.n_experts, self.lookback)
 
 
 def _conv_stack(c_in: int, c_out: int, groups: int = 1) -> nn.Sequential:
@@ -139,6 +134,8 @@ class LeMoLE(ForecastModel):
                 raise ValueError(f"LeMoLE needs static_emb [d_llm] or [B, d_llm] with d_llm={cfg.d_llm}, got "
                                  f"{None if static_emb is None else tuple(static_emb.shape)}; "
                                  f"or build it with use_static=False")
+            if static_emb.dim() > 2 or (static_emb.dim() == 2 and static_emb.shape[0] not in (1, B)):
+                raise ValueError(f"LeMoLE needs static_emb [d_llm] or [B={B}, d_llm], got {tuple(static_emb.shape)}")
             gb = self.static_film(static_emb.to(y.dtype)).view(-1, 2 * C, H)                   # [B or 1, 2C, H]
             film_s = ((1 + gb[:, :C]) * y + gb[:, C:]).expand(B, C, H)
         if cfg.output_form == "paper":         # CNN_final([Y; Y'_S; Y'_D])

@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, require_positive
+from mmts_fast.models.base import ForecastModel, check_windows, require_positive
 from mmts_fast.nn import MoLERouter, MultiExpertHeads, RevIN, SeriesDecomp
 
 
@@ -42,12 +42,7 @@ class MoLEConfig:
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.windows is not None:
-            self.windows = [int(w) for w in self.windows]
-            if len(self.windows) != self.n_experts:
-                raise ValueError(f"{len(self.windows)} windows for {self.n_experts} experts")
-            bad = [w for w in self.windows if not 1 <= w <= self.lookback]
-            if bad:
-                raise ValueError(f"expert windows {bad} are longer than the lookback {self.lookback}")
+            self.windows = check_windows(self.windows, self.n_experts, self.lookback)
 
 
 @dataclass

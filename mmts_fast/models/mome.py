@@ -99,10 +99,12 @@ class ModulatedMoE(nn.Module):
 class MoME(ForecastModel):
     """MoME. ``forward(x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None, *,
     text_hidden=None, text_mask=None) -> [B, H, C]`` with ``text_hidden`` ``[B, T, d_llm]`` (frozen LLM
-    last hidden states of each sample's text) and ``text_mask`` ``[B, T]`` bool (True = real token)."""
+    last hidden states of each sample's text) and ``text_mask`` ``[B, T]`` bool or 0/1 ints (True / 1 = real
+    token; any T: the ONNX export keeps T dynamic)."""
     model_type: ClassVar[str] = "mome"
     config_class: ClassVar[type] = MoMEConfig
     extra_inputs: ClassVar[tuple] = ("text_hidden", "text_mask")
+    export_dynamic_axes: ClassVar[dict] = {"text_hidden": {1: "text_len"}, "text_mask": {1: "text_len"}}
 
     def __init__(self, config: MoMEConfig):
         super().__init__(config)
@@ -128,7 +130,10 @@ class MoME(ForecastModel):
         kv = torch.cat([self.null_kv.expand(B, 1, -1), self.text_proj(text_hidden)], dim=1)   # [B, 1+T, d]
         if text_mask is None:
             text_mask = torch.ones(B, T, dtype=torch.bool, device=text_hidden.device)
-        keep = torch.cat([text_mask.new_ones(B, 1), text_mask.bool()], dim=1)                 # [B, 1+T]
+        elif tuple(text_mask.shape) != (B, T):
+            raise ValueError(f"MoME: text_mask must be [B, T]=({B}, {T}) like text_hidden, got {tuple(text_mask.shape)}")
+        text_mask = text_mask.bool()       # a Hugging Face attention_mask (int, 1 = token) works as well
+        keep = torch.cat([text_mask.new_ones(B, 1), text_mask], dim=1)                        # [B, 1+T]
         scores = torch.einsum("nd,btd->bnt", self.queries, kv) / math.sqrt(kv.shape[-1])   # one head
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))                      # null token: never all -inf
         return self.ins_norm(torch.softmax(scores, dim=-1) @ kv)

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from mmts_fast._files import plain_file_mode
 from mmts_fast.text.encoders import pad_tokens
 
 __all__ = ["EmbeddingCache", "default_cache_dir"]
@@ -107,6 +108,7 @@ class EmbeddingCache:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            plain_file_mode(tmp)   # shareable as the umask allows (mkstemp makes it 0600)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

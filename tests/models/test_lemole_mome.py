@@ -132,6 +132,16 @@ def test_mome_without_text_and_errors():
         m2(inputs()["x"])
     with pytest.raises(ValueError, match="top_k=5 is larger"):
         MoMEConfig(n_experts=4, top_k=5)
+    t = inputs()
+    with pytest.raises(ValueError, match=r"text_mask must be \[B, T\]=\(4, 7\)"):
+        m2(t["x"], text_hidden=t["hidden"], text_mask=t["mask"][:, :5])
+
+
+def test_lemole_static_emb_batch_mismatch():
+    m = LeMoLE(LeMoLEConfig(lookback=L, horizon=H, channels=C, d_llm=D, use_dynamic=False))
+    t = inputs()
+    with pytest.raises(ValueError, match=r"static_emb \[d_llm\] or \[B=4, d_llm\], got \(3, 20\)"):
+        m(t["x"], static_emb=t["static"][:3])
 
 
 @pytest.mark.parametrize("kind", ["lemole", "mome"])
@@ -151,3 +161,11 @@ def test_onnx_parity_with_text_inputs(tmp_path, kind):
     m.save_pretrained(tmp_path / kind)
     loaded = ForecastModel.from_pretrained(tmp_path / kind)
     torch.testing.assert_close(loaded(t["x"], **extra), m(t["x"], **extra))
+    if kind == "mome":   # the text length is a dynamic axis too (exported with T=7): T=11, HF-style int mask
+        g = torch.Generator().manual_seed(5)
+        longer = {"text_hidden": torch.randn(B, 11, D, generator=g),
+                  "text_mask": (torch.rand(B, 11, generator=g) > 0.3).long()}
+        assert verify_onnx(m, path, t["x"], xm, extra_inputs={**longer, "text_mask": longer["text_mask"].bool()},
+                           atol=1e-4) <= 1e-4
+        torch.testing.assert_close(m(t["x"], **longer), m(t["x"], text_hidden=longer["text_hidden"],
+                                                         text_mask=longer["text_mask"].bool()))

@@ -119,6 +119,18 @@ def test_save_and_load(tmp_path, cls, cfg_cls, extra):
     assert type(cls.from_pretrained(tmp_path)) is cls
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    """Checkpoints are shareable like any file (mkstemp's 0600 used to make them private)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3)).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == \
+        {"config.json": 0o644, "model.safetensors": 0o644}
+
+
 def test_bad_inputs():
     model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3, n_experts=3))
     x, xm = batch()
@@ -134,6 +146,19 @@ def test_bad_inputs():
         model(x, xm[..., :3])
     with pytest.raises(ValueError, match="longer than the lookback"):
         RLinearMoLEConfig(lookback=29, n_experts=2, windows=[29, 40])
+    with pytest.raises(ValueError, match=r"must be >= 1, got \[29, 0\]"):
+        RLinearMoLEConfig(lookback=29, n_experts=2, windows=[29, 0])
+    with pytest.raises(ValueError, match="must be integers"):
+        RLinearMoLEConfig(lookback=29, n_experts=2, windows=[29, 7.5])      # was truncated to 7
+    with pytest.raises(ValueError, match="lookback must be an integer >= 1, got 29.5"):
+        RLinearMoLEConfig(lookback=29.5)
+    # inputs the model cannot take: clear errors, not a raw matmul dtype error or a NaN forecast
+    with pytest.raises(ValueError, match="x_enc is torch.float64 but the model's weights are torch.float32"):
+        model(x.double(), xm)
+    with pytest.raises(ValueError, match="x_enc must be a floating-point tensor"):
+        model(x.long(), xm)
+    with pytest.raises(ValueError, match="x_mark_enc contains NaN"):
+        model(x, xm.index_fill(1, torch.tensor([2]), float("nan")))
     with pytest.raises(ValueError, match="unknown model 'patchtst'; known models: dlinear_mole"):
         get_model_class("patchtst")
     assert get_model_class("RLinear-MoLE") is RLinearMoLE

@@ -237,6 +237,17 @@ def test_cache_hits_misses_and_dedup(tmp_path):
     assert cache.misses == 5 and other.shape == (1, 8)
 
 
+def test_cache_entries_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        EmbeddingCache(tmp_path).encode(FakeEncoder(), ["a"], progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {0o644}
+
+
 def test_cache_token_states(tmp_path):
     cache, enc = EmbeddingCache(tmp_path), FakeEncoder()
     texts = ["one two three", "four", "five six"]
