@@ -190,6 +190,7 @@ class LLMTSNet(ForecastModel):
     model_type: ClassVar[str] = "llm_ts_net"
     config_class: ClassVar[type] = LLMTSNetConfig
     extra_inputs: ClassVar[tuple] = ("text_hidden", "text_ids", "text_mask")
+    export_dynamic_axes: ClassVar[dict] = {n: {1: "text_len"} for n in ("text_hidden", "text_ids", "text_mask")}
 
     def __init__(self, config: LLMTSNetConfig):
         super().__init__(config)

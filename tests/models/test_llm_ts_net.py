@@ -109,6 +109,10 @@ def test_onnx_parity_and_save_load(tmp_path):
     path = export_onnx(m, tmp_path / "llm_ts_net.onnx", extra_inputs={k: v[:2] for k, v in extra.items()})
     err = verify_onnx(m, path, t["x"], xm, extra_inputs=extra, atol=1e-4)
     assert err <= 1e-4
+    g = torch.Generator().manual_seed(6)   # the text length is a dynamic axis of the file too
+    T2 = t["hidden"].shape[1] + 4
+    longer = {"text_hidden": torch.randn(B, T2, D, generator=g), "text_mask": torch.rand(B, T2, generator=g) > 0.3}
+    assert verify_onnx(m, path, t["x"], xm, extra_inputs=longer, atol=1e-4) <= 1e-4
     m.save_pretrained(tmp_path / "saved")
     loaded = LLMTSNet.from_pretrained(tmp_path / "saved")
     assert not loaded.training and loaded.config == m.config
@@ -204,6 +208,13 @@ def test_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch):
     assert type(again) is LLMTSNet
     with torch.no_grad():
         torch.testing.assert_close(again(x, text_ids=ids, text_mask=mask), m(x, text_ids=ids, text_mask=mask))
+    # ONNX with the LM inside: exported with 9 tokens, run with 13
+    ids2 = torch.randint(0, 97, (B, 13), generator=g)
+    mask2 = torch.ones(B, 13, dtype=torch.bool)
+    mask2[0, 10:] = False
+    path = export_onnx(m, tmp_path / "lm.onnx", extra_inputs={"text_ids": ids[:2], "text_mask": mask[:2]})
+    assert verify_onnx(m, path, x, torch.rand(B, L, 4) - 0.5, extra_inputs={"text_ids": ids2, "text_mask": mask2},
+                       atol=1e-4) <= 1e-4
     # a state dict missing anything but frozen LM weights is still an error
     sd = {k: v for k, v in m.state_dict().items() if k != "head.weight"}
     with pytest.raises(RuntimeError, match="missing keys"):
