@@ -12,7 +12,7 @@ for H in 96 720; do
       DIR=$ROOT/rlinear_mole_M${M}_H${H}_s${SEED}
       [ -f "$DIR/metrics.json" ] && continue
       mmts-fast train --model rlinear_mole --data "$CSV" --lookback 336 --horizon $H --experts $M \
-        --head-dropout 0.2 --lr 0.001 --seed $SEED --out "$DIR" --quiet
+        --head-dropout 0.2 --lr 0.001 --seed $SEED --out "$DIR" --quiet --overwrite
     done
   done
 done

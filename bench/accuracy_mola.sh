@@ -11,6 +11,6 @@ for H in 96 720; do
     DIR=$ROOT/mola_rlinear_H${H}_s${SEED}
     [ -f "$DIR/metrics.json" ] && continue
     mmts-fast train --model mola --backbone rlinear --experts 1 --data "$CSV" --lookback 336 --horizon $H \
-      --lr 0.001 --stage2-lr 0.005 --segments 4 --lora-experts 4 --lora-rank 8 --seed $SEED --out "$DIR" --quiet
+      --lr 0.001 --stage2-lr 0.005 --segments 4 --lora-experts 4 --lora-rank 8 --seed $SEED --out "$DIR" --quiet --overwrite
   done
 done

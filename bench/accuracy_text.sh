@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Accuracy runs for the text-conditioned and LLM-backbone models (RESULTS.md, issues 3-5). One line per run,
 # (the paper-CNN LeMoLE rows in RESULTS.md add --channel-mixing to the LeMoLE lines),
-# JOBS runs in parallel, each on one thread; finished runs (metrics.json present) are skipped.
+# JOBS runs in parallel, each on one thread; finished runs (metrics.json present) are skipped, unfinished ones
+# start over (--overwrite).
 # Usage: MMTS_FAST_CACHE=DIR bash bench/accuracy_text.sh [SHARED_DATA] [OUT_ROOT] [JOBS]
 # Then: python bench/summarize_runs.py OUT_ROOT/<set>
 set -euo pipefail
@@ -62,4 +63,4 @@ E=$DATA/ETT/ETTh1.csv
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
-done | xargs -P "$JOBS" -I{} sh -c 'mmts-fast train {} --quiet > /dev/null 2>&1 || echo "FAILED: {}"'
+done | xargs -P "$JOBS" -I{} sh -c 'mmts-fast train {} --quiet --overwrite > /dev/null 2>&1 || echo "FAILED: {}"'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +17,11 @@ from pathlib import Path
 import torch
 
 DATA_SPEC = "data.json"
+# What a run folder holds (train, eval, export); --overwrite removes these names and nothing else.
+RUN_FILES = ("config.json", "model.safetensors", "metrics.json", DATA_SPEC, "forecast.png", "model.onnx",
+             "model.onnx.data")
+TEXT_MODELS = ("lemole", "mome", "llm_ts_net")
+WINDOW_MODELS = ("dlinear_mole", "rlinear_mole", "rmlp_mole", "lemole", "mola")
 # Per-model training defaults that differ from MoLE's recipe (TrainConfig's defaults).
 MODEL_RECIPES = {"mome": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0),
                  "llm_ts_net": dict(optimizer="adamw", lr=1e-3, grad_clip=1.0)}
@@ -34,7 +40,8 @@ def build_datasets(spec: dict):
     from mmts_fast.data import ForecastDataset, load_csv, synthetic_table
     from mmts_fast.data.timemmd import TimeMMDDataset, load_timemmd
 
-    kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"], target=spec["target"])
+    kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"], target=spec["target"],
+              freq=spec.get("freq"))
     texts, name = None, None
     if spec.get("data") and is_timemmd(Path(spec["data"])):
         table, texts = load_timemmd(spec["data"], target=spec["target"])
@@ -71,26 +78,91 @@ def _load_spec(run_dir: Path, data=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ train
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Checked before any data is loaded or text encoded: ``--out`` must be a folder (or not exist yet)
+    that holds no earlier run, unless ``--overwrite``, which removes the run files named in RUN_FILES
+    (and MoLA's stage1/ checkpoint) and nothing else."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    found = [out / n for n in RUN_FILES if (out / n).is_file()]
+    found += [out / "stage1" / n for n in RUN_FILES if (out / "stage1" / n).is_file()]
+    if found and not overwrite:
+        raise SystemExit(f"error: {out} already holds a run ({', '.join(str(f.relative_to(out)) for f in found)}); "
+                         f"pass --overwrite to replace it, or choose another --out")
+    for f in found:
+        f.unlink()
+
+
+def _as_path(value, keep=(), files_only=False):
+    """An existing file (or folder) as an absolute path, so that eval/export work from any directory;
+    names in ``keep`` (bundled encoders) and anything else (a prompt's text) unchanged."""
+    if value is None or value in keep or not (Path(value).is_file() if files_only else Path(value).exists()):
+        return value
+    return str(Path(value).resolve())
+
+
+def _warn_ignored(args, model_type: str) -> None:
+    """Options the chosen model does not read: say so instead of ignoring them silently."""
+    uses = {"--text-encoder": (args.text_encoder != "minilm", TEXT_MODELS),
+            "--text-layers": (args.text_layers is not None, TEXT_MODELS),
+            "--static-prompt": (args.static_prompt is not None, TEXT_MODELS + ("time_llama",)),
+            "--cache-dir": (args.cache_dir is not None, TEXT_MODELS),
+            "--no-text": (args.no_text, TEXT_MODELS),
+            "--no-dynamic-prompt": (args.no_dynamic_prompt, ("lemole",)),
+            "--output-form": (args.output_form is not None, ("lemole",)),
+            "--channel-mixing": (args.channel_mixing, ("lemole",)),
+            "--top-k": (args.top_k is not None, ("mome",)),
+            "--windows": (args.windows is not None, WINDOW_MODELS),
+            "--load-in-4bit": (args.load_in_4bit, TEXT_MODELS + ("time_llama",)),
+            "--backbone": (args.backbone is not None, ("mola", "time_llama"))}
+    for option, (given, models) in uses.items():
+        if given and model_type not in models:
+            print(f"warning: {option} is ignored by --model {model_type} (used by: {', '.join(models)})",
+                  file=sys.stderr)
+
+
+def _quiet_transformers() -> None:
+    """--quiet: no Hugging Face loading / GGUF conversion bars either."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def cmd_train(args) -> dict:
     from mmts_fast.models import get_model_class
-    from mmts_fast.train import TrainConfig, fit, write_json
+    from mmts_fast.train import TrainConfig, fit, resolve_device, write_json
 
     try:
         klass = get_model_class(args.model)
+        resolve_device(args.device)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.windows is not None:
+        if any(w < 1 for w in args.windows):
+            raise SystemExit(f"error: --windows must be positive integers, got {args.windows}")
+        if klass.model_type in WINDOW_MODELS and len(args.windows) != args.experts:
+            raise SystemExit(f"error: --windows gives {len(args.windows)} windows but --experts is {args.experts}: "
+                             f"give one window per expert")
+    _warn_ignored(args, klass.model_type)
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
     text_model = bool(getattr(klass, "extra_inputs", ()))    # LeMoLE, MoME, LLM-TS Net take text inputs
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
             "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
-            "text": None}
+            "freq": args.freq, "text": None}
     if args.text_lm and (klass.model_type != "llm_ts_net" or args.no_text):
         raise SystemExit("error: --text-lm is for --model llm_ts_net with text (its LoRA-AMR fine-tuned LM)")
+    if args.quiet and ((text_model and not args.no_text) or klass.model_type == "time_llama"):
+        _quiet_transformers()
     if text_model and not args.no_text:
-        spec["text"] = {"encoder": args.text_encoder, "layers": args.text_layers, "load_in_4bit": args.load_in_4bit,
-                        "static_prompt": args.static_prompt, "cache_dir": args.cache_dir, "progress": not args.quiet}
+        from mmts_fast.text.encoders import BUNDLED
+        spec["text"] = {"encoder": _as_path(args.text_encoder, BUNDLED), "layers": args.text_layers,
+                        "load_in_4bit": args.load_in_4bit,
+                        "static_prompt": _as_path(args.static_prompt, files_only=True),
+                        "cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
+                        "progress": not args.quiet}
         if args.text_lm:
-            spec["text"]["text_lm"] = args.text_lm
+            spec["text"]["text_lm"] = _as_path(args.text_lm, BUNDLED)
     if args.data is None:
         print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
     try:
@@ -102,11 +174,11 @@ def cmd_train(args) -> dict:
     if klass.model_type == "mola":
         return _train_mola(args, spec, train, val, test)
     options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
-                             channel_independent=False if args.channel_mixing else None)
+                             channel_independent=False if args.channel_mixing else None, top_k=args.top_k)
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
     if args.text_lm:
-        options.update(text_lm=args.text_lm, text_lm_layers=args.text_layers)
+        options.update(text_lm=spec["text"]["text_lm"], text_lm_layers=args.text_layers)
     if args.no_dynamic_prompt:
         options.update(use_dynamic=False)
     if klass.model_type == "time_llama":   # LLM backbone; the prompt is the data set's description
@@ -126,12 +198,10 @@ def cmd_train(args) -> dict:
                            fused_optimizer=args.fused_optimizer, **recipe)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / DATA_SPEC, spec)
     print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
           f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
-    metrics = fit(model, train, val, test, tcfg, out_dir=out)
+    # data.json goes in with the first checkpoint: a run that fails before leaves no data.json alone
+    metrics = fit(model, train, val, test, tcfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec))
     metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
     metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target", "text")}
     write_json(out / "metrics.json", metrics)
@@ -163,7 +233,10 @@ def _train_mola(args, spec, train, val, test) -> dict:
     if args.backbone not in BACKBONES:
         raise SystemExit(f"error: unknown MoLA backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
     out = Path(args.out)
-    tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})
+    try:
+        tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     klass = get_model_class(BACKBONES[args.backbone])
     common = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                   device=args.device, progress=not args.quiet, fused_optimizer=args.fused_optimizer)
@@ -174,15 +247,13 @@ def _train_mola(args, spec, train, val, test) -> dict:
         stage2_cfg = TrainConfig(lr=args.stage2_lr, lr_decay=args.lr_decay or 0.5, **common)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / DATA_SPEC, spec)
     print(f"MoLA stage 1: {klass.__name__} with a one-step head")
     m1 = fit(backbone, tr1, va1, te1, stage1_cfg, out_dir=out / "stage1")
     model = MoLA.from_backbone(backbone.cpu(), args.horizon, segments=args.segments, n_lora=args.lora_experts,
                                rank=args.lora_rank)
     print(f"MoLA stage 2: {args.segments} segments, {args.lora_experts} LoRA experts of rank {args.lora_rank}; "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    metrics = fit(model, train, val, test, stage2_cfg, out_dir=out)
+    metrics = fit(model, train, val, test, stage2_cfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec))
     metrics["stage1"] = {k: m1[k] for k in ("val", "test", "best_epoch", "train_time_s")}
     metrics["model"] = {"model_type": "mola", **model.config.__dict__}
     metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target")}
@@ -199,8 +270,9 @@ def cmd_eval(args) -> dict:
     from mmts_fast.train import evaluate, resolve_device
 
     run_dir = Path(args.run_dir)
+    device = resolve_device(args.device)
     spec = _load_spec(run_dir, args.data)
-    model = ForecastModel.from_pretrained(run_dir).to(resolve_device(args.device))
+    model = ForecastModel.from_pretrained(run_dir).to(device)
     try:
         _, _, test, _ = build_datasets(spec)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -225,7 +297,7 @@ def cmd_export(args) -> float:
     model = ForecastModel.from_pretrained(run_dir)
     out = Path(args.out) if args.out else run_dir / "model.onnx"
     try:   # check on real test windows (and their cached text inputs) when the data is at hand
-        _, _, test, _ = build_datasets(_load_spec(run_dir))
+        _, _, test, _ = build_datasets(_load_spec(run_dir, getattr(args, "data", None)))
         idx = torch.arange(min(len(test), 16))
         x, _, xm, _ = test.batch(idx)[:4]
         extra = model.export_inputs(test.extras(idx)) if hasattr(test, "extras") else {}
@@ -244,7 +316,7 @@ def cmd_export(args) -> float:
 def cmd_run(args):
     cmd_train(args)
     cmd_eval(argparse.Namespace(run_dir=args.out, data=None, plot=None, device=args.device))
-    cmd_export(argparse.Namespace(run_dir=args.out, out=None, atol=1e-4))
+    cmd_export(argparse.Namespace(run_dir=args.out, out=None, atol=1e-4, data=None))
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -266,8 +338,10 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--seed", type=int, default=2021)
     p.add_argument("--features", default="M", choices=["M", "S", "MS"])
     p.add_argument("--target", default="OT")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--freq", default=None, help="data frequency (h, t, d, w, ...) when it cannot be inferred "
+                   "from the dates")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernel (faster)")
     g = p.add_argument_group("MoLA (--model mola) and Time-LlaMA (--model time_llama)")
     g.add_argument("--backbone", default=None, help="MoLA: dlinear | rlinear (default) | rmlp, trained with a "
@@ -292,7 +366,10 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--output-form", default=None, choices=["paper", "code"], help="LeMoLE output (default paper)")
     g.add_argument("--channel-mixing", action="store_true",
                    help="LeMoLE: CNNs mix across channels as in the paper (default: per channel)")
+    g.add_argument("--top-k", type=int, default=None, help="MoME: experts per token (default 2)")
     p.add_argument("--out", required=out_required, default=None, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its run files "
+                   "only) instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX export, verified in ONNX Runtime")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="ONNX path (default RUN_DIR/model.onnx)")
+    p.add_argument("--data", default=None, help="the run's data, if it moved (text models need it to export)")
     p.add_argument("--atol", type=float, default=1e-4)
     p = sub.add_parser("run", help="train + eval + export (the README's main job)")
     _train_args(p, out_required=False)
@@ -315,9 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors a user's input can cause: printed as one line (exit 1); MMTS_FAST_DEBUG=1 shows the traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+               PermissionError, FloatingPointError, ImportError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_run}[args.command](args)
+    try:
+        {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_run}[args.command](args)
+    except USER_ERRORS as e:
+        if os.environ.get("MMTS_FAST_DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}") from e
     return 0
 
 

@@ -38,16 +38,30 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError(f"invalid training settings: {self}")
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+    """``"auto"``: CUDA when available, else CPU; otherwise the device named, checked to exist here."""
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available to this PyTorch "
+                             f"(torch.cuda.is_available() is False); use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -93,10 +107,10 @@ def evaluate(model: nn.Module, ds: ForecastDataset, batch_size: int = 256, devic
 
 
 def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, test_ds: Optional[ForecastDataset],
-        cfg: TrainConfig, out_dir=None, log=print) -> dict:
+        cfg: TrainConfig, out_dir=None, log=print, on_save=None) -> dict:
     """Trains with early stopping on validation MSE. The best model is kept in memory and, when
     ``out_dir`` is given, saved there (``save_pretrained``, files written atomically) each time it
-    improves. Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
+    improves, then ``on_save()`` is called (the CLI writes its data spec beside the checkpoint). Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
     the best weights loaded."""
     from tqdm.auto import tqdm
 
@@ -153,6 +167,8 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
             bad_epochs = 0
             if out_dir is not None and hasattr(model, "save_pretrained"):
                 model.save_pretrained(out_dir)
+                if on_save is not None:
+                    on_save()
         else:
             bad_epochs += 1
         log(f"epoch {epoch:3d}  lr {lr:.2e}  train {row['train_mse']:.4f}  val {val['mse']:.4f}"
