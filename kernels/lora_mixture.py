@@ -90,10 +90,10 @@ def nf4_state(packed: Tensor, quant_state) -> NF4State:
     """Read a bitsandbytes ``(packed, QuantState)`` pair (``quantize_4bit(..., quant_type="nf4")``)."""
     qs = quant_state
     if getattr(qs, "quant_type", None) != "nf4":
-        raise ValueError(f"lora_mixture: only NF4 4-bit weights are supported, got quant_type="
+        raise ValueError(f"NF4 weights: only NF4 4-bit weights are supported (quant_type='nf4'), got quant_type="
                          f"{getattr(qs, 'quant_type', None)!r}")
     if qs.dtype not in _DTYPES:
-        raise ValueError(f"lora_mixture: NF4 dequantised dtype must be fp32/bf16/fp16, got {qs.dtype}")
+        raise ValueError(f"NF4 weights: the dequantised dtype must be fp32/bf16/fp16, got {qs.dtype}")
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:          # quant_storage other than uint8: same bytes
         flat = flat.contiguous().view(torch.uint8)

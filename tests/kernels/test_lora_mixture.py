@@ -314,6 +314,9 @@ def test_opcheck_dequantize():
     st = lm.nf4_state(packed, qs)
     torch.library.opcheck(torch.ops.mmts_fast.dequantize_nf4.default,
                           (st.packed, list(st.state), list(st.shape), st.blocksize, st.blocksize2, 0))
+    fp4 = bf.quantize_4bit(torch.randn(20, 24, device=DEVICE), blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="only NF4 4-bit weights are supported .* got quant_type='fp4'"):
+        lm.dequantize_nf4(*fp4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
