@@ -202,6 +202,8 @@ class LoRAMixtureLinear(nn.Module):
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, gates: Optional[Tensor] = None) -> Tensor:
+        if x.dim() == 1:   # unbatched [d_in], as nn.Linear takes it; gates then [M] (or [1, M])
+            return self.forward(x[None], gates if gates is None else gates.reshape(1, -1))[0]
         g = self.expand_gates(gates, x)
         split = self.training and isinstance(self.dropout, nn.Dropout)
         weight = None if split else self._op_weight()

@@ -125,6 +125,9 @@ def test_gate_shapes():
     one = LoRAMixtureLinear(nn.Linear(16, 8), n_experts=1, rank=2)
     randomize_b(one)
     torch.testing.assert_close(one(x), one(x, torch.ones(2, 1)))
+    # unbatched input, a drop-in for nn.Linear: [d_in] -> [d_out]
+    torch.testing.assert_close(one(x[0, 0]), one(x[:1, :1])[0, 0])
+    torch.testing.assert_close(mod(x[0, 0], g[0]), mod(x[:1, :1], g[:1])[0, 0])
 
 
 def test_linear4bit_base():
