@@ -9,7 +9,8 @@
   ``T=8640`` rows (ETTh1's training rows) read by B windows at random starts, as in training:
   ``dynamic="table"`` passes what the training loop passes (the rows the batch spans + each step's row);
   ``dynamic="per_window"`` passes ``[B, L, d]`` gathered beforehand (the gather, which the loader would
-  have to do each batch, is not timed). ``lemole_no_text`` has both text branches off.
+  have to do each batch, is not timed). ``lemole_static`` has the static prompt only (``--no-dynamic-prompt``,
+  the form that meets the accuracy target on ETTh1), ``lemole_no_text`` both text branches off.
 - ``mome_throughput``: MoME inference samples/s, batched vs one sample at a time (the public code's
   batch-size-1 limitation).
 - ``lemole_first_epoch`` (with ``--cold-cache CSV``): LeMoLE's first training epoch (L=512, H=96, batch 8,
@@ -63,6 +64,7 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
         ("rlinear_mole", None, lambda: RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=4)), {}),
         ("lemole", "table", lemole(), shared),
         ("lemole", "per_window", lemole(), per_window),
+        ("lemole_static", None, lemole(use_dynamic=False), {"static_emb": static}),   # --no-dynamic-prompt
         ("lemole_no_text", None, lemole(use_static=False, use_dynamic=False), {}),
     ]
     rows = []
