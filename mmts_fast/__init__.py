@@ -16,4 +16,7 @@ def __getattr__(name):   # heavier entry points load on first use, keeping `impo
     if name == "apply_fast_attention":
         from mmts_fast.nn.fast_attention import apply_fast_attention
         return apply_fast_attention
+    if name in ("llm", "models", "text", "data", "export", "kernels", "nn"):   # mmts_fast.llm.load_backbone, ...
+        import importlib
+        return importlib.import_module(f"mmts_fast.{name}")
     raise AttributeError(f"module 'mmts_fast' has no attribute {name!r}")

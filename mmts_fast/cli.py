@@ -307,6 +307,9 @@ def cmd_export(args) -> float:
 
     run_dir = Path(args.run_dir)
     model = ForecastModel.from_pretrained(run_dir)
+    if getattr(model, "is_nf4", False):   # ONNX has no NF4 ops: the file gets the de-quantised weights
+        model.export_dense()
+        print("the NF4 backbone is exported with its de-quantised (dense) weights")
     out = Path(args.out) if args.out else run_dir / "model.onnx"
     try:   # check on real test windows (and their cached text inputs) when the data is at hand
         _, _, test, _ = build_datasets(_load_spec(run_dir, getattr(args, "data", None)))

@@ -125,19 +125,46 @@ def load_tokenizer(name_or_path: str | os.PathLike = "smollm2"):
     return load_hf_tokenizer(path, gguf)
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
 def _gguf_block_count(file: Path) -> int | None:
-    """The decoder layer count in a GGUF file's metadata (``<architecture>.block_count``), or None."""
-    from gguf import GGUFReader
+    """``<architecture>.block_count`` from a GGUF file's key-value header, read directly (the file's
+    metadata comes first; ``gguf.GGUFReader`` would also index every tensor, seconds for SmolLM2)."""
+    import struct
 
-    fields = GGUFReader(str(file)).fields
+    with open(file, "rb") as f:
+        def read(fmt):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
 
-    def value(key):
-        f = fields.get(key)
-        return None if f is None or not f.data else f.parts[f.data[0]]
+        def string():
+            return f.read(read("Q")).decode("utf-8", "replace")
 
-    arch = value("general.architecture")
-    count = value(f"{bytes(arch).decode()}.block_count") if arch is not None else None
-    return None if count is None else int(count[0])
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:                                 # array: element type, count, elements
+                sub, n = read("I"), read("Q")
+                if sub in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
+                else:
+                    for _ in range(n):
+                        value(sub)
+                return None
+            return read(_GGUF_SCALARS[kind])
+
+        if f.read(4) != b"GGUF" or read("I") < 2:
+            return None
+        read("Q")                                         # tensor count
+        arch = None
+        for _ in range(read("Q")):                        # key-value pairs
+            key = string()
+            v = value(read("I"))
+            if key == "general.architecture":
+                arch = v
+            elif arch is not None and key == f"{arch}.block_count":
+                return int(v)
+    return None
 
 
 def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | None = None,
@@ -156,7 +183,7 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
 
     Returns:
         ``(model, info)``: the model in eval mode with every parameter frozen, and ``info`` = name, source,
-        class, n_layers, hidden_size, dtype, quantization (``"nf4"`` / ``"none"``), ``n_linear_4bit``,
+        model_class, n_layers, hidden_size, dtype, quantization (``"nf4"`` / ``"none"``), ``n_linear_4bit``,
         ``load_s`` (seconds, tokenizer not included) and :func:`weight_stats`' counts.
     """
     if n_layers is not None and n_layers < 1:

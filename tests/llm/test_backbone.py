@@ -160,3 +160,21 @@ def test_smollm2_tokenizer(smol):
     assert torch.tensor(enc["attention_mask"]).sum(1).tolist()[1] < ids.shape[1]      # the short one is padded
     with pytest.raises(ValueError, match="unknown backbone"):
         load_tokenizer("no-such-model")
+
+
+def test_gguf_block_count_reads_the_header(tmp_path):
+    """The layer count comes from the key-value header, past arrays of strings and numbers."""
+    gguf = pytest.importorskip("gguf")
+    from mmts_fast.llm.backbone import _gguf_block_count
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    w.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
+    w.add_block_count(7)
+    w.add_tensor("t", torch.zeros(4).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert _gguf_block_count(tmp_path / "m.gguf") == 7
+    (tmp_path / "not.gguf").write_bytes(b"nope" * 10)
+    assert _gguf_block_count(tmp_path / "not.gguf") is None
