@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark K1 (fused multi-expert linear heads) against the ways people compute it today.
 
-    python bench/bench_expert_heads.py [--quick] [--out bench/results/expert_heads.jsonl]
+    python bench/bench_expert_heads.py [--quick] [--out bench/results/expert_heads_<device>.jsonl]
                                        [--device cpu|cuda] [--dtype float32|bfloat16]
                                        [--impls k1,reference,compiled_reference,per_expert_loop]
                                        [--budget-s 4] [--reps N] [--threads N]
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Table, Timer, append_row, compile_static, device_name, measure_row,  # noqa: E402
+from benchlib import (Table, Timer, append_row, compile_static, default_out, device_name, measure_row,  # noqa: E402
                       print_cpu_note, run_fields, setup_device, timing_settings, triton_version,
                       split_choices)
 from torch import nn
@@ -51,7 +51,6 @@ from mmts_fast import backend as _backend
 from mmts_fast.kernels.expert_heads import expert_heads_reference
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "expert_heads.jsonl"
 IMPLS = ("k1", "reference", "compiled_reference", "per_expert_loop")
 MODES = ("fwd", "fwd+bwd")
 
@@ -213,7 +212,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only H=96 for both shapes, fewer reps")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON-lines file to append to")
+    p.add_argument("--out", default=None, help="JSON-lines file to append to (default bench/results/"
+                   "expert_heads_<device>.jsonl; quick/tiny runs: runs/bench/..._quick.jsonl)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -259,7 +259,7 @@ def main(argv=None) -> list[dict]:
             for wname, windows in window_sets(L, M):
                 configs.append((shape, B, L, C, H, M, wname, windows))
     n_rows = len(configs) * len(args.impls) * len(args.modes)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out("expert_heads", device, quick=args.shapes != "full")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"# expert_heads bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_v}, "
           f"{n_rows} rows, budget {budget_s:g}s/row -> {out}", flush=True)

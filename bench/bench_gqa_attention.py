@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Table, Timer, append_row, device_name, measure_row,  # noqa: E402
+from benchlib import (Table, Timer, append_row, default_out, device_name, measure_row,  # noqa: E402
                       print_cpu_note, run_fields, setup_device, timing_settings, triton_version,
                       split_choices)
 import torch.nn.functional as F
@@ -103,14 +103,6 @@ def model_flops(B: int, Lq: int, Lk: int, causal: bool, mode: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # Helpers (as in bench_expert_heads.py)
 # ---------------------------------------------------------------------------------------------
-def device_tag(device: torch.device) -> str:
-    """Short name for the default output file: cpu, h100, h200, a100 or cuda."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return next((t for t in ("h200", "h100", "a100") if t in name), "cuda")
-
-
 def build_impl(impl: str, q: torch.Tensor, causal: bool):
     """Returns (fn(q, k, v) -> out, backend label)."""
     if impl == "k3":
@@ -203,7 +195,7 @@ def main(argv=None) -> list[dict]:
     triton_v = triton_version()
     dev_name = device_name(device)
     peak = device_peak(dev_name, dtype) if cuda else None
-    out = Path(args.out) if args.out else HERE / "results" / f"gqa_attention_{device_tag(device)}.jsonl"
+    out = Path(args.out) if args.out else default_out("gqa_attention", device, quick=args.shapes != "full")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     configs = SHAPES[args.shapes]

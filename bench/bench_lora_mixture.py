@@ -39,7 +39,6 @@ K1 benchmark, whose format this follows).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from functools import partial
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Table, Timer, append_row, compile_static, device_name, measure_row,  # noqa: E402
+from benchlib import (Table, Timer, append_row, compile_static, default_out, device_name, measure_row,  # noqa: E402
                       print_cpu_note, run_fields, setup_device, timing_settings, triton_version,
                       split_choices)
 from torch import nn
@@ -148,12 +147,6 @@ class PeftLoop(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def default_out(device: torch.device) -> Path:
-    """bench/results/lora_mixture_cpu.jsonl, or lora_mixture_<gpu name, slugged>.jsonl."""
-    tag = "cpu" if device.type != "cuda" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return HERE / "results" / f"lora_mixture_{tag}.jsonl"
-
-
 def make_inputs(T, d, device, dtype, seed=0):
     """x [T, d], frozen W [d, d] and bias [d], A [M, r, d], B [M, d, r], top-2 gates [T, M]."""
     g = torch.Generator().manual_seed(seed)
@@ -259,7 +252,7 @@ def main(argv=None) -> list[dict]:
 
     configs = [(d, T) for d, tokens in SHAPES[args.shapes] for T in tokens]
     n_rows = len(configs) * len(args.impls) * len(args.modes)
-    out = Path(args.out) if args.out else default_out(device)
+    out = Path(args.out) if args.out else default_out("lora_mixture", device, quick=args.shapes != "full")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"# lora_mixture bench: {dev_name}, {args.dtype}, torch {torch.__version__}, triton {triton_v}, "
           f"M={M} top-{TOP_N} r={RANK}, {n_rows} rows, budget {budget_s:g}s/row -> {out}", flush=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Timer, device_name, time_step  # noqa: E402
+from benchlib import Timer, default_out, device_name, setup_device, time_step  # noqa: E402
 
 from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
 
@@ -146,10 +146,9 @@ def main(argv=None):
     p.add_argument("--cold-cache", default=None, metavar="CSV",
                    help="only LeMoLE's first epoch with a cold vs warm embedding cache on this CSV")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_device(args)
     reps = 5 if args.quick else 30
-    out = Path(args.out or f"bench/results/models_{args.device}.jsonl")
+    out = Path(args.out) if args.out else default_out("models", args.device, quick=args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name(torch.device(args.device)), date=datetime.date.today().isoformat(), torch=torch.__version__)
     shapes = [(B, 512, 96, 7, 384) for B in args.batch_sizes] if not args.quick else [(8, 96, 24, 7, 384)]

@@ -5,10 +5,14 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 
 def cpu_model() -> str:
@@ -26,6 +30,25 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """Short device name for result files: cpu, h200, h100, a100, else the GPU's name slugged."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((t for t in ("h200", "h100", "a100") if t in name), re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
+
+
+def default_out(bench: str, device, quick: bool = False) -> Path:
+    """Where a bench appends its rows without ``--out``: ``bench/results/<bench>_<device>.jsonl`` (the
+    committed results, whatever the working directory); a quick or tiny run (few reps, small shapes) goes to
+    ``runs/bench/<bench>_<device>_quick.jsonl`` instead (not tracked), so it never mixes into those."""
+    tag = device_tag(device)
+    if quick:
+        return HERE.parent / "runs" / "bench" / f"{bench}_{tag}_quick.jsonl"
+    return HERE / "results" / f"{bench}_{tag}.jsonl"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -92,9 +115,14 @@ def split_choices(parser, text: str, allowed, what: str) -> list[str]:
 
 def setup_device(args) -> torch.device:
     """Applies ``--threads`` and checks that a requested CUDA device exists."""
+    if args.threads is not None and args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0: leave as is), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"unknown --device {args.device!r}: use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     return device

@@ -196,7 +196,12 @@ def main(argv=None) -> str:
         if not Path(p).exists():
             raise SystemExit(f"no such file: {p}")
     rows = load(argv)
-    kinds = {r.get("bench", "expert_heads") for r in rows}
+    kinds = {r.get("bench") or ("expert_heads" if "impl" in r else "unknown") for r in rows}
+    other = sorted(k for k in kinds if k != "expert_heads" and k not in GENERIC)
+    if other:
+        raise SystemExit(f"render.py renders the kernel benchmarks (expert_heads, {', '.join(GENERIC)}); "
+                         f"{', '.join(argv)} holds other rows ({', '.join(other)}): bench/README.md reports "
+                         f"those in its text")
     if len(kinds) > 1:
         raise SystemExit(f"rows of several benchmarks ({', '.join(sorted(kinds))}): render one at a time")
     kind = kinds.pop() if kinds else "expert_heads"

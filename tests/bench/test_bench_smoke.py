@@ -49,3 +49,16 @@ def test_bench_tiny_and_render(tmp_path, capsys):
     assert len(table) == 4                                          # (2 window sets) x (2 modes), deduplicated
     assert "k1 vs per_expert_loop" in md and "k1 vs reference" in md
     assert "error" not in "\n".join(table)
+
+
+def test_default_outputs_and_render_refusals(tmp_path):
+    """Quick runs never default into the committed bench/results files; render.py says what it cannot render."""
+    import pytest
+    from conftest import REPO
+    lib, render = _load("benchlib"), _load("render")
+    assert lib.default_out("expert_heads", "cpu") == REPO / "bench" / "results" / "expert_heads_cpu.jsonl"
+    assert lib.default_out("models", "cpu", quick=True) == REPO / "runs" / "bench" / "models_cpu_quick.jsonl"
+    rows = tmp_path / "mem.jsonl"
+    rows.write_text('{"bench": "lora_amr_memory", "peak_mb": 1.0}\n')
+    with pytest.raises(SystemExit, match="renders the kernel benchmarks .*lora_amr_memory"):
+        render.main([str(rows)])
