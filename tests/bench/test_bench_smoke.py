@@ -62,3 +62,21 @@ def test_default_outputs_and_render_refusals(tmp_path):
     rows.write_text('{"bench": "lora_amr_memory", "peak_mb": 1.0}\n')
     with pytest.raises(SystemExit, match="renders the kernel benchmarks .*lora_amr_memory"):
         render.main([str(rows)])
+
+
+def test_summarize_runs(tmp_path):
+    import pytest
+    summarize = _load("summarize_runs")
+    for seed, mse in ((2021, 0.4), (2022, 0.5)):
+        d = tmp_path / f"model_H96_s{seed}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "train_config": {"seed": seed}, "test": {"mse": mse, "mae": 0.3}, "val": {"mse": 0.7},
+            "train_time_s": 10.0, "best_epoch": 2,
+            "history": [{"epoch": 1, "train_mse": 0.9}, {"epoch": 2, "train_mse": 0.6}]}))
+    assert "| model_H96 | 2021,2022 | 0.4500 ± 0.0707 |" in summarize.main([str(tmp_path)])
+    assert "| model_H96_s2021 | 2 | 0.6000 | 0.7000 | 0.4000 | 0.3000 |" in summarize.main([str(tmp_path), "--per-run"])
+    with pytest.raises(SystemExit, match="no such folder"):
+        summarize.main([str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="no finished runs"):
+        summarize.main([str(tmp_path / "model_H96_s2021")])
