@@ -55,9 +55,11 @@ def main(argv=None):
         return
     rows = []
     for variant in ("fp32", "nf4"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--layers", str(args.layers),
-                              "--batch", str(args.batch), "--steps", str(args.steps)],
-                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        child = subprocess.run([sys.executable, __file__, "--child", variant, "--layers", str(args.layers),
+                                "--batch", str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True)
+        if child.returncode != 0:   # the child's own error, not a bare CalledProcessError
+            raise SystemExit(f"{variant} run failed:\n{child.stderr.strip()[-2000:]}")
+        out = child.stdout.strip().splitlines()[-1]
         row = {"bench": "time_llama_memory", "backbone": "smollm2", "variant": variant, "layers": args.layers,
                "batch": args.batch, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                **json.loads(out)}

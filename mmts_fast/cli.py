@@ -129,12 +129,22 @@ def _warn_ignored(args, model_type: str) -> None:
                   file=sys.stderr)
         elif args.no_text and model_type in TEXT_MODELS and (dest in text_only or dest == "load_in_4bit"):
             print(f"warning: {option} is ignored with --no-text", file=sys.stderr)
+        elif dest == "load_in_4bit" and args.text_lm:
+            print("warning: --load-in-4bit is ignored with --text-lm (the LoRA-AMR fine-tuned LM runs dense)",
+                  file=sys.stderr)
 
 
 def _quiet_transformers() -> None:
     """--quiet: no Hugging Face loading / GGUF conversion bars either."""
+    import functools
+
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    try:   # the GGUF de-quantisation bar is a plain tqdm of that module, outside transformers' switch
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
+        pass
 
 
 def cmd_train(args) -> dict:

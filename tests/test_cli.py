@@ -151,3 +151,11 @@ def test_eval_export_errors_and_export_data(tmp_path):
     moved = csv.rename(tmp_path / "moved.csv")
     main(["export", str(out), "--data", str(moved), "--out", str(tmp_path / "m.onnx")])
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_load_in_4bit_with_text_lm_warns(tmp_path, capsys):
+    """LLM-TS Net's fine-tuned LM runs dense: --load-in-4bit there says it is ignored (it was silent)."""
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "llm_ts_net", "--text-lm", str(tmp_path / "no_lm"), "--load-in-4bit",
+              "--out", str(tmp_path / "r"), *SMALL])
+    assert "warning: --load-in-4bit is ignored with --text-lm" in capsys.readouterr().err

@@ -62,6 +62,21 @@ def check_windows(windows, n_experts: int, lookback: int) -> list[int]:
     return windows
 
 
+def load_weights(model: nn.Module, directory: Path, map_location="cpu") -> None:
+    """``model.safetensors`` into ``model``; weights that do not fit the model its ``config.json`` builds
+    (a file from another version or a patched model) are a ValueError naming the folder."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}: not a saved mmts_fast model")
+    try:
+        model.load_state_dict(load_file(str(path), device=str(map_location)))
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the {type(model).__name__} that {CONFIG_NAME} describes: "
+                         f"{' '.join(str(e).split())[:400]}") from e
+
+
 class ForecastModel(nn.Module):
     """Base class. Subclasses set ``model_type`` and ``config_class`` and implement ``forward``
     with the Time-Series-Library signature ``forward(x_enc, x_mark_enc=None, x_dec=None,
@@ -119,8 +134,6 @@ class ForecastModel(nn.Module):
     def from_pretrained(cls, directory, map_location="cpu") -> "ForecastModel":
         """Loads a model saved by ``save_pretrained``, in eval mode; on the base class the right
         subclass is picked from ``config.json``'s ``model_type``."""
-        from safetensors.torch import load_file
-
         from mmts_fast.models import get_model_class
 
         directory = Path(directory)
@@ -131,7 +144,7 @@ class ForecastModel(nn.Module):
         if cls is not ForecastModel and not issubclass(klass, cls):
             raise ValueError(f"{directory} holds a {klass.__name__}, not a {cls.__name__}")
         model = klass(klass.config_class(**cfg))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        load_weights(model, directory, map_location)
         return model.eval()   # as in Hugging Face: loaded for inference; call .train() to fine-tune
 
     # ---- export -------------------------------------------------------------------------

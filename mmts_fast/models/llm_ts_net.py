@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmts_fast.models.base import CONFIG_NAME, WEIGHTS_NAME, ForecastModel, _atomic_write, require_positive
+from mmts_fast.models.base import CONFIG_NAME, WEIGHTS_NAME, ForecastModel, _atomic_write, load_weights, require_positive
 from mmts_fast.nn import GQAttention, RevIN
 
 __all__ = ["LLMTSNetConfig", "LLMTSNet", "PromptPool"]
@@ -332,8 +332,6 @@ class LLMTSNet(ForecastModel):
     def from_pretrained(cls, directory, map_location="cpu") -> "LLMTSNet":
         """Loads a model saved by :meth:`save_pretrained` (the LM path reloads the frozen LM from
         ``config.text_lm``), in eval mode."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / CONFIG_NAME).exists():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved mmts_fast model")
@@ -342,5 +340,5 @@ class LLMTSNet(ForecastModel):
         if kind != cls.model_type:
             raise ValueError(f"{directory} holds a {kind!r} model, not {cls.model_type!r}")
         model = cls(cls.config_class(**cfg))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        load_weights(model, directory, map_location)
         return model.eval()

@@ -119,6 +119,19 @@ def test_save_and_load(tmp_path, cls, cfg_cls, extra):
     assert type(cls.from_pretrained(tmp_path)) is cls
 
 
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    """A model.safetensors from another model (or a patched one) is a ValueError naming the file."""
+    from safetensors.torch import save_file
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=29, horizon=11, channels=3))
+    model.save_pretrained(tmp_path)
+    save_file({**model.state_dict(), "extra.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the RLinearMoLE .*extra.weight"):
+        ForecastModel.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        ForecastModel.from_pretrained(tmp_path)
+
+
 def test_saved_files_follow_the_umask(tmp_path):
     """Checkpoints are shareable like any file (mkstemp's 0600 used to make them private)."""
     import os
