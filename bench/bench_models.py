@@ -4,7 +4,8 @@
                                  [--threads N] [--batch-sizes B ...] [--cold-cache ETTh1.csv]
 
 - ``train_step``: one optimiser step (forward, MSE backward, Adam) of RLinearMoLE and LeMoLE at the
-  same shapes, LeMoLE fed precomputed (cached) text embeddings, so the ratio is the cost of the text
+  same shapes, the models interleaved (rounds of one warm-up and 5 timed steps of each in turn) so that
+  machine drift cancels in the ratios, LeMoLE fed precomputed (cached) text embeddings, so the ratio is the cost of the text
   branches alone (the LLM never runs per batch). The per-step timestamp embeddings come from a table of
   ``T=8640`` rows (ETTh1's training rows) read by B windows at random starts, as in training:
   ``dynamic="table"`` passes what the training loop passes (the rows the batch spans + each step's row);
@@ -37,12 +38,13 @@ from benchlib import Timer, default_out, device_name, setup_device, time_step  #
 from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
 
 
-def timeit(fn, device: str, reps: int, warmup: int = 3) -> list[float]:
+def timeit(fn, device: str, reps: int, warmup: int = 3) -> list[float]:   # one model at a time
     """``reps`` timed calls in ms after ``warmup`` calls (benchlib's timer: CUDA events on CUDA)."""
     return time_step(fn, Timer(torch.device(device)), warmup=warmup, budget_s=0, min_reps=reps, max_reps=reps,
                      fixed_reps=reps)[0]
 
 
+BLOCK = 5           # timed steps per model and round (train_step)
 TABLE_ROWS = 8640   # ETTh1's training rows: the timestamp embeddings a LeMoLE batch reads from
 
 
@@ -67,23 +69,34 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
         ("lemole_static", None, lemole(use_dynamic=False), {"static_emb": static}),   # --no-dynamic-prompt
         ("lemole_no_text", None, lemole(use_static=False, use_dynamic=False), {}),
     ]
-    rows = []
+    steps, rows = [], []
     for (name, dynamic, build, kw), fused in ((item, f) for item in models for f in (False, True)):
         torch.manual_seed(0)
         model = build()
         model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)   # fused: --fused-optimizer
 
-        def step():
+        def step(model=model, opt=opt, kw=kw):
             loss = torch.nn.functional.mse_loss(model(x, xm, **kw), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        t = timeit(step, device, reps)
+        steps.append(step)
         rows.append(dict(bench="train_step", model=name, fused_adam=fused, B=B, L=L, H=H, C=C, d_llm=d_llm,
-                         median_ms=statistics.median(t), reps=reps, **({"dynamic": dynamic, "table_rows": TABLE_ROWS,
-                                                                      "span_rows": hi - lo + 1} if dynamic else {})))
+                         reps=max(1, -(-reps // BLOCK)) * BLOCK, interleaved_block=BLOCK,
+                         **({"dynamic": dynamic, "table_rows": TABLE_ROWS, "span_rows": hi - lo + 1} if dynamic else {})))
+    # Interleaved in blocks: each round runs every model in turn, one untimed step (its caches warm again,
+    # as in training, where one model runs step after step) then BLOCK timed ones, so that drifts of the
+    # machine's speed (10-15% here between runs) hit every model alike and the ratios stay meaningful.
+    timer = Timer(torch.device(device))
+    times = [[] for _ in steps]
+    for _ in range(max(1, -(-reps // BLOCK))):
+        for t, step in zip(times, steps):
+            timer.once(step)
+            t.extend(timer.once(step) for _ in range(BLOCK))
+    for row, t in zip(rows, times):
+        row["median_ms"] = statistics.median(t)
     for r in rows:   # against RLinear-MoLE with the same optimiser
         base = next(b for b in rows if b["model"] == "rlinear_mole" and b["fused_adam"] == r["fused_adam"])
         r["ratio_vs_rlinear_mole"] = r["median_ms"] / base["median_ms"]
