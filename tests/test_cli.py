@@ -100,20 +100,23 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 def test_ignored_options_warn_and_freq(tmp_path, capsys):
-    csv = tmp_path / "desc.csv"   # dates in descending order: the frequency cannot be inferred
+    csv = tmp_path / "desc.csv"   # dates in descending order: windows would run backwards in time
     rows = ["date,a,OT"] + [f"2020-01-{1 + i // 24:02d} {i % 24:02d}:00:00,{i % 7},{(i * 3) % 11}"
                             for i in reversed(range(400))]
     csv.write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit, match="dates are not increasing .*pass --freq"):
-        main(["train", "--data", str(csv), "--out", str(tmp_path / "r"), *SMALL])
+    for freq in ([], ["--freq", "h"]):
+        with pytest.raises(SystemExit, match="dates must be in increasing order; row 1 .*sort the file by date"):
+            main(["train", "--data", str(csv), "--out", str(tmp_path / "r"), *freq, *SMALL])
     capsys.readouterr()
-    main(["train", "--data", str(csv), "--freq", "h", "--out", str(tmp_path / "r"), "--experts", "2",
+    csv = _toy_csv(tmp_path)      # hourly; --freq overrides the inferred frequency (t: minute features too)
+    main(["train", "--data", str(csv), "--freq", "t", "--out", str(tmp_path / "r"), "--experts", "2",
           "--text-encoder", "smollm2", "--top-k", "1", *SMALL])
     err = capsys.readouterr().err
     assert "warning: --text-encoder is ignored by --model rlinear_mole" in err
     assert "warning: --top-k is ignored by --model rlinear_mole" in err
-    assert json.loads((tmp_path / "r" / "data.json").read_text())["freq"] == "h"
-    main(["train", "--data", str(csv), "--freq", "h", "--out", str(tmp_path / "r2"), "--model", "dlinear_mole",
+    spec = json.loads((tmp_path / "r" / "data.json").read_text())
+    assert spec["freq"] == "t" and spec["n_time_features"] == 5
+    main(["train", "--data", str(csv), "--out", str(tmp_path / "r2"), "--model", "dlinear_mole",
           "--experts", "2", "--text-encoder", "minilm", "--segments", "3", "--dropout", "0.3", *SMALL])
     err = capsys.readouterr().err     # given explicitly, even at a text model's default value
     for option in ("--text-encoder", "--segments", "--dropout"):

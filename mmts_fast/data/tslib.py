@@ -357,6 +357,10 @@ class ForecastDataset(Dataset):
 
         rows = values[start:end].astype(np.float64)
         scaled = ((rows - self.mean.astype(np.float64)) / self.std.astype(np.float64)).astype(np.float32)
+        back = next((i for i in range(1, len(table.dates)) if table.dates[i] < table.dates[i - 1]), None)
+        if back is not None:   # windows would run backwards in time (repeated dates are let through)
+            raise ValueError(f"{table.name}: dates must be in increasing order; row {back} ({table.dates[back]}) "
+                             f"comes after {table.dates[back - 1]}: sort the file by date")
         self.freq = _norm_freq(freq) if freq is not None else infer_freq(table.dates)
         marks = time_features(table.dates[start:end], self.freq)
         self.n_time_features = marks.shape[1]

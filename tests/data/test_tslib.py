@@ -269,3 +269,15 @@ def test_time_mmd_energy():
     assert infer_freq(table.dates) == "w"
     ds = ForecastDataset(table, "test", lookback=36, horizon=24)
     assert ds.freq == "w" and ds.n_time_features == 2 and len(ds) > 0
+
+
+def test_dates_out_of_order_are_an_error():
+    """Windows must run forward in time: a file with a date earlier than the one before it is refused
+    (an explicit freq does not change that); repeated dates are let through."""
+    t = trend_table(n=200)
+    t.dates[57], t.dates[58] = t.dates[58], t.dates[57]
+    with pytest.raises(ValueError, match=r"dates must be in increasing order; row 58 .*sort the file by date"):
+        ForecastDataset(t, "train", lookback=24, horizon=8, borders="custom", freq="h")
+    t = trend_table(n=200)
+    t.dates[58] = t.dates[57]
+    assert len(ForecastDataset(t, "train", lookback=24, horizon=8, borders="custom")) > 0
