@@ -195,6 +195,8 @@ def cmd_train(args) -> dict:
         return _train_mola(args, spec, train, val, test)
     options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
                              channel_independent=False if args.channel_mixing else None, top_k=args.top_k)
+    if spec["text"] and not args.text_lm:   # (the --text-lm path tokenizes for its own LM, recorded as text_lm)
+        options.update(text_encoder=spec["text"]["encoder"])
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
     if args.text_lm:

@@ -44,6 +44,8 @@ class LeMoLEConfig:
     n_experts: int = 4
     windows: Optional[list] = None          # default: default_windows(lookback, n_experts)
     d_llm: int = 384                         # width of the text embeddings (384: MiniLM, 576: SmolLM2)
+    text_encoder: Optional[str] = None       # the encoder that made the training embeddings (a record;
+                                             # the CLI fills it): feed embeddings of the same one
     dropout: float = 0.1
     use_static: bool = True                  # False: no static-prompt FiLM (text ablation)
     use_dynamic: bool = True                 # False: no dynamic-prompt FiLM (text ablation)

@@ -91,6 +91,8 @@ class LLMTSNetConfig:
     # text branch
     use_text: bool = True
     d_llm: int = 576                   # width of text_hidden / of the LM (set from the LM when text_lm is given)
+    text_encoder: Optional[str] = None       # the encoder that made the training embeddings (a record;
+                                             # the CLI fills it): feed embeddings of the same one
     n_text_tokens: int = 4             # pooled H_text tokens
     text_lm: Optional[str] = None      # None: take text_hidden; else "smollm2" / HF folder / .gguf: take text_ids
     text_lm_layers: int = 2            # first K decoder layers of the LM

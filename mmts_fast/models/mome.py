@@ -42,6 +42,8 @@ class MoMEConfig:
     n_layers: int = 1
     n_instr: int = 3
     d_llm: int = 384
+    text_encoder: Optional[str] = None       # the encoder that made the training embeddings (a record;
+                                             # the CLI fills it): feed embeddings of the same one
     use_text: bool = True
     router_modulation: bool = True
     dropout: float = 0.1

@@ -94,6 +94,7 @@ def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):
         out = tmp_path / model
         main(["train", "--model", model, "--out", str(out), *small])
         assert json.loads((out / "metrics.json").read_text())["test"]["mse"] > 0
+        assert json.loads((out / "config.json").read_text())["text_encoder"] == "minilm"   # what to feed it
         main(["export", str(out)])
         line = [l for l in capsys.readouterr().out.splitlines() if "max abs error" in l][0]
         assert float(line.split("max abs error ")[1].split()[0]) <= 1e-4
