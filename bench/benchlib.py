@@ -119,13 +119,11 @@ def setup_device(args) -> torch.device:
         raise SystemExit(f"--threads must be >= 0 (0: leave as is), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mmts_fast.train import resolve_device   # the package's own check (unknown name, no CUDA)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"unknown --device {args.device!r}: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    return device
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
 
 
 def time_stats(times: list[float]) -> dict:

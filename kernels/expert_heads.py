@@ -60,7 +60,7 @@ def _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma
     if x.dim() != 3:
         raise ValueError(f"expert_heads: x must be [B, L, C], got shape {tuple(x.shape)}")
     _common.require_float("expert_heads", x=x, weight=weight, bias=bias, gates=gates, revin_weight=revin_weight,
-                  revin_bias=revin_bias, film_gamma=film_gamma, film_beta=film_beta)
+                          revin_bias=revin_bias, film_gamma=film_gamma, film_beta=film_beta)
     B, L, C = x.shape
     if weight.dim() != 3 or weight.shape[2] != L:
         raise ValueError(f"expert_heads: weight must be [M, H, L={L}], got {tuple(weight.shape)}")

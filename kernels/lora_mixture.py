@@ -156,7 +156,7 @@ def _check(x, weight, bias, lora_a, lora_b, gates, segments, name="lora_mixture"
     d_out = lora_b.shape[1]
     nf4 = _as_nf4(weight)
     _common.require_float(name, x=x, lora_a=lora_a, lora_b=lora_b, gates=gates, bias=bias,
-                  weight=weight if nf4 is None else None)
+                          weight=weight if nf4 is None else None)
     if nf4 is not None:
         wshape = nf4.shape
     elif weight is not None:

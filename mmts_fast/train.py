@@ -110,7 +110,8 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
         cfg: TrainConfig, out_dir=None, log=print, on_save=None) -> dict:
     """Trains with early stopping on validation MSE. The best model is kept in memory and, when
     ``out_dir`` is given, saved there (``save_pretrained``, files written atomically) each time it
-    improves, then ``on_save()`` is called (the CLI writes its data spec beside the checkpoint). Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
+    improves, then ``on_save()`` is called (the CLI writes its data spec beside the checkpoint).
+    Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
     the best weights loaded."""
     from tqdm.auto import tqdm
 

@@ -112,7 +112,7 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
         except ValueError:
             raise ValueError(f"{csv_path}: unparseable date {cell!r} in row {line}, column 'date'") from None
 
-    names, cols, dropped, reasons = [], [], [], {}
+    names, cols, reasons = [], [], {}   # reasons: dropped column -> its first bad cell, in header order
     for j, h in enumerate(header):
         if h in DATE_COLUMNS or h == "":
             continue
@@ -126,16 +126,15 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
                         f"{csv_path}: {where}, column {h!r}: the target column must be numeric in every "
                         "row (fix or fill the cell, or choose another target)"
                     )
-                dropped.append(h)
                 reasons[h] = where
                 break
             vals.append(v)
         else:
             names.append(h)
             cols.append(vals)
-    if dropped:
+    if reasons:
         logger.warning("%s: dropped %d column(s) with non-numeric cells (not used as channels): %s",
-                       csv_path.name, len(dropped), "; ".join(f"column {h!r}: {reasons[h]}" for h in dropped))
+                       csv_path.name, len(reasons), "; ".join(f"column {h!r}: {r}" for h, r in reasons.items()))
     if not names:
         raise ValueError(f"{csv_path}: no numeric channel columns in {header}")
     values = np.asarray(cols, dtype=np.float64).T
@@ -144,7 +143,7 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
         order = [k for k in range(len(names)) if k != t] + [t]
         names, values = [names[k] for k in order], values[:, order]
     table = TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(csv_path))
-    table.dropped_columns = dropped  # type: ignore[attr-defined]
+    table.dropped_columns = list(reasons)  # type: ignore[attr-defined]
     table.dropped_reasons = reasons  # type: ignore[attr-defined]
     return table
 
