@@ -12,6 +12,13 @@
   ``dynamic="per_window"`` passes ``[B, L, d]`` gathered beforehand (the gather, which the loader would
   have to do each batch, is not timed). ``lemole_static`` has the static prompt only (``--no-dynamic-prompt``,
   the form that meets the accuracy target on ETTh1), ``lemole_no_text`` both text branches off.
+  Each row also counts the step's floating-point work (forward + backward, matmuls and convolutions, by
+  ``torch.utils.flop_counter`` on the eager reference path with the same shapes): ``gflop`` and
+  ``flop_ratio_vs_rlinear_mole``, the ratio any implementation of these computations pays where matmuls
+  bound the time. LeMoLE rows add ``gflop_floor``: the same step without the work an implementation
+  could skip, the off-window weights of its experts (K1's eager path multiplies them by zero; its
+  Triton kernel skips those tiles) and the projection of table rows no window reads, and its ratio
+  ``floor_flop_ratio_vs_rlinear_mole``.
 - ``mome_throughput``: MoME inference samples/s, batched vs one sample at a time (the public code's
   batch-size-1 limitation).
 - ``lemole_first_epoch`` (with ``--cold-cache CSV``): LeMoLE's first training epoch (L=512, H=96, batch 8,
@@ -31,10 +38,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import Timer, default_out, device_name, setup_device, time_step  # noqa: E402
 
+from mmts_fast import use_backend
 from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
 
 
@@ -73,7 +82,9 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
     for (name, dynamic, build, kw), fused in ((item, f) for item in models for f in (False, True)):
         torch.manual_seed(0)
         model = build()
-        model.to(device).train()
+        model.train()
+        flops, projected = step_flops(model, x, xm, y, kw)
+        model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)   # fused: --fused-optimizer
 
         def step(model=model, opt=opt, kw=kw):
@@ -84,7 +95,8 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
 
         steps.append(step)
         rows.append(dict(bench="train_step", model=name, fused_adam=fused, B=B, L=L, H=H, C=C, d_llm=d_llm,
-                         reps=max(1, -(-reps // BLOCK)) * BLOCK, interleaved_block=BLOCK,
+                         reps=max(1, -(-reps // BLOCK)) * BLOCK, interleaved_block=BLOCK, gflop=flops / 1e9,
+                         **({"gflop_floor": lemole_flop_floor(model, flops, projected, B, C, index)} if name != "rlinear_mole" else {}),
                          **({"dynamic": dynamic, "table_rows": TABLE_ROWS, "span_rows": hi - lo + 1} if dynamic else {})))
     # Interleaved in blocks: each round runs every model in turn, one untimed step (its caches warm again,
     # as in training, where one model runs step after step) then BLOCK timed ones, so that drifts of the
@@ -100,7 +112,41 @@ def train_step_rows(device, B, L, H, C, d_llm, reps):
     for r in rows:   # against RLinear-MoLE with the same optimiser
         base = next(b for b in rows if b["model"] == "rlinear_mole" and b["fused_adam"] == r["fused_adam"])
         r["ratio_vs_rlinear_mole"] = r["median_ms"] / base["median_ms"]
+        r["flop_ratio_vs_rlinear_mole"] = r["gflop"] / base["gflop"]
+        if "gflop_floor" in r:   # RLinear-MoLE's experts all read every step: nothing to skip
+            r["floor_flop_ratio_vs_rlinear_mole"] = r["gflop_floor"] / base["gflop"]
     return rows
+
+
+def step_flops(model, x, xm, y, kw) -> tuple[int, int]:
+    """FLOPs of one forward + MSE backward on the CPU's eager reference path (the optimiser's elementwise
+    update is not counted), and how many timestamp rows LeMoLE's ``Linear(d_llm -> 2C)`` projected (0
+    without the dynamic branch). Inputs on another device are copied; the model is left as it was."""
+    cpu = {k: v.cpu() for k, v in kw.items()}
+    proj = getattr(model, "dynamic_proj", None)
+    rows = []
+    hook = proj.register_forward_hook(lambda mod, args, out: rows.append(args[0].numel() // args[0].shape[-1])) \
+        if proj is not None else None
+    try:
+        with use_backend("torch"), FlopCounterMode(display=False) as counter:
+            torch.nn.functional.mse_loss(model(x.cpu(), xm.cpu(), **cpu), y.cpu()).backward()
+    finally:
+        if hook is not None:
+            hook.remove()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops(), sum(rows)
+
+
+def lemole_flop_floor(model, flops: int, projected: int, B: int, C: int, index) -> float:
+    """GFLOPs of LeMoLE's step less the work an implementation may skip: the experts' weights left of
+    their windows (K1's eager path computes ``[N, L] x [L, M*H]`` with those weights zeroed: forward,
+    weight and input gradients, 3 x 2 x N*H*(M*L - sum w) FLOPs) and the projection of timestamp rows
+    beyond the distinct rows the batch reads (forward and weight gradient, 2 x 2 x rows x d_llm x 2C)."""
+    cfg = model.config
+    skip = 3 * 2 * B * C * cfg.horizon * (cfg.n_experts * cfg.lookback - sum(cfg.windows))
+    if projected:
+        skip += 2 * 2 * (projected - int(torch.unique(index).numel())) * cfg.d_llm * 2 * C
+    return (flops - skip) / 1e9
 
 
 @torch.no_grad()

@@ -19,3 +19,12 @@ def test_bench_models_quick(tmp_path):
     assert all(r["median_ms"] > 0 for r in steps)
     assert all(r["ratio_vs_rlinear_mole"] == 1.0 for r in steps if r["model"] == "rlinear_mole")
     assert any(r["bench"] == "mome_throughput" for r in written)
+    # FLOP counts: LeMoLE's dynamic branch adds work, its windows let an implementation skip some
+    flop = {(r["model"], r.get("dynamic")): r for r in steps if r["fused_adam"]}
+    assert flop[("rlinear_mole", None)]["flop_ratio_vs_rlinear_mole"] == 1.0
+    assert (flop[("lemole", "table")]["flop_ratio_vs_rlinear_mole"] > flop[("lemole_static", None)]["flop_ratio_vs_rlinear_mole"]
+            > flop[("lemole_no_text", None)]["flop_ratio_vs_rlinear_mole"] > 1.0)
+    for r in steps:
+        if r["model"] != "rlinear_mole":
+            assert 0 < r["gflop_floor"] < r["gflop"]
+            assert r["floor_flop_ratio_vs_rlinear_mole"] < r["flop_ratio_vs_rlinear_mole"]
