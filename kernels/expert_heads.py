@@ -46,6 +46,9 @@ DENORM_EPS = 1e-10  # RevIN denorm: (y - b) / (a + 1e-10), as in the public RevI
 def _normalize_windows(windows: Optional[Sequence[int]], M: int, L: int) -> list[int]:
     if windows is None:
         return [L] * M
+    bad = [w for w in windows if isinstance(w, bool) or not float(w).is_integer()]
+    if bad:
+        raise ValueError(f"expert_heads: windows must be integers, got {bad[0]!r} in {list(windows)}")
     windows = [int(w) for w in windows]
     if len(windows) != M:
         raise ValueError(f"expert_heads: {len(windows)} windows given for {M} experts (weight.shape[0])")
@@ -76,10 +79,12 @@ def _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma
     for name, t in (("film_gamma", film_gamma), ("film_beta", film_beta)):
         if t is not None:
             try:
-                torch.broadcast_shapes(tuple(t.shape), (B, H, C))
+                ok = torch.broadcast_shapes(tuple(t.shape), (B, H, C)) == (B, H, C)
             except RuntimeError:
+                ok = False
+            if not ok:
                 raise ValueError(f"expert_heads: {name} of shape {tuple(t.shape)} does not broadcast "
-                                 f"to [B, H, C]=({B}, {H}, {C})") from None
+                                 f"to [B, H, C]=({B}, {H}, {C})")
     return _normalize_windows(windows, M, L)
 
 
@@ -632,7 +637,7 @@ def expert_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tenso
     """Fused multi-expert linear heads (K1). Shapes: B batch, L lookback, C channels, H horizon, M experts.
 
     Args:
-        x: ``[B, L, C]`` series (any strides), fp32 / bf16 / fp16.
+        x: ``[B, L, C]`` series (any strides), fp32 / bf16 / fp16 (fp64: the torch backend only).
         weight: ``[M, H, L]`` packed expert weights; expert ``m`` uses columns ``[L - w_m, L)``.
         bias: ``[M, H]`` or None.
         gates: ``[B, C, M]`` (per sample and channel) or ``[B, M]`` (per sample); used as given
@@ -658,8 +663,14 @@ def expert_heads(x: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tenso
                                       revin_bias=revin_bias, eps=eps, film_gamma=film_gamma,
                                       film_beta=film_beta, return_experts=return_experts)
     windows = _check(x, weight, bias, gates, windows, revin_weight, revin_bias, film_gamma, film_beta)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"expert_heads: the Triton path takes fp32/bf16/fp16 x, got {x.dtype} "
+                         f"(the torch backend takes fp64)")
     if not revin:
         revin_weight = revin_bias = None
+    # The kernels read the [C] RevIN parameters at unit stride (the other tensors pass their strides).
+    revin_weight = revin_weight.contiguous() if revin_weight is not None else None
+    revin_bias = revin_bias.contiguous() if revin_bias is not None else None
     store_z = torch.is_grad_enabled() and ((revin and revin_weight is not None and revin_weight.requires_grad)
                                            or (film_gamma is not None and film_gamma.requires_grad))
     y, e, _, _, _ = torch.ops.mmts_fast.expert_heads(

@@ -260,7 +260,7 @@ def _segment_delta_reference(y: Tensor, x2: Tensor, A: Tensor, B: Tensor, g: Ten
     S, M = g.shape
     d_out, r = B.shape[1], B.shape[2]
     coef = scale * g[segment_ids(d_out, S, g.device)]         # [d_out, M]: gate of each column's segment
-    if not torch.compiler.is_exporting():   # export keeps every expert (static shapes; unused ones weigh 0)
+    if not torch.compiler.is_compiling():   # compile/export keep every expert (static shapes; unused weigh 0)
         used = g.ne(0).any(0).nonzero().squeeze(1)            # experts used by at least one segment
         if used.numel() == 0:
             return y
@@ -272,7 +272,7 @@ def _segment_delta_reference(y: Tensor, x2: Tensor, A: Tensor, B: Tensor, g: Ten
 
 
 def _dense_delta_reference(y, x2, A, B, g, scale):
-    """The same sum over ALL experts with static shapes (export only: no data-dependent shapes).
+    """The same sum over ALL experts with static shapes (compile / export: no data-dependent shapes).
     ``g * (g != 0)`` keeps the gradient convention (zero at unselected entries)."""
     T, M = g.shape
     r = A.shape[1]
@@ -285,7 +285,8 @@ def lora_mixture_reference(x: Tensor, weight, bias: Optional[Tensor], lora_a: Te
     """Plain PyTorch K2 (see :func:`lora_mixture`). Differentiable in x, lora_a, lora_b, gates, bias.
 
     Token gates: only the selected pairs are computed (a Python loop over the experts that have any,
-    one host sync for the segment sizes). Under ``torch.export`` the dense all-expert form is used instead.
+    one host sync for the segment sizes). Under ``torch.compile`` and ``torch.export`` the dense all-expert
+    form is used instead (static shapes, no host sync; unselected experts weigh 0).
     """
     d = _check(x, weight, bias, lora_a, lora_b, gates, segments)
     dtype = x.dtype
@@ -294,7 +295,7 @@ def lora_mixture_reference(x: Tensor, weight, bias: Optional[Tensor], lora_a: Te
     A, B = lora_a.to(dtype), lora_b.to(dtype)
     if segments is not None:
         y = _segment_delta_reference(y, x2, A, B, gates.to(dtype), scale)
-    elif torch.compiler.is_exporting():
+    elif torch.compiler.is_compiling():
         y = _dense_delta_reference(y, x2, A, B, gates.reshape(d.T, d.M).to(dtype), scale)
     else:
         y = _token_delta_reference(y, x2, A, B, gates.reshape(d.T, d.M).to(dtype), scale)
@@ -832,7 +833,10 @@ def lora_mixture(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, lora
         raise ValueError(f"lora_mixture: the Triton path takes fp32/bf16/fp16 x, got {x.dtype}")
     w, state, meta = _op_weight(weight, d.nf4)
     g = gates if segments is not None else gates.reshape(d.T, d.M)
-    y = torch.ops.mmts_fast.lora_mixture(x.reshape(d.T, d.d_in), w, bias, lora_a, lora_b, g, float(scale),
+    # As the reference: the adapters are used in x's dtype (a no-op when they match; autograd casts their
+    # gradients back), and the kernels read the bias at unit stride.
+    y = torch.ops.mmts_fast.lora_mixture(x.reshape(d.T, d.d_in), w, bias.contiguous() if bias is not None else None,
+                                         lora_a.to(x.dtype), lora_b.to(x.dtype), g, float(scale),
                                          int(segments or 0), state, meta)
     return y.reshape(*d.lead, d.d_out)
 
@@ -851,15 +855,24 @@ def _base_apply(x2: Tensor, weight, nf4: Optional[NF4State], bias: Optional[Tens
     w, state, meta = _op_weight(weight, nf4)
     d_in = meta[1] if nf4 is not None else weight.shape[1]
     out = _common.alloc(x2.shape[0], d_in if transpose else d_out, like=x2)
-    return _base_triton(x2.contiguous(), w, None if transpose else bias, state, meta, out, transpose)
+    bias = bias.contiguous() if bias is not None and not transpose else None     # read at unit stride
+    return _base_triton(x2.contiguous(), w, bias, state, meta, out, transpose)
 
 
 class _LoraAMR(torch.autograd.Function):
     """y = x W^T + bias + scale * sum_m g_m ((x D^T) C_m^T) B_m^T. Saves z = x D^T ([T, r']), C, D, B and
-    the gates; the frozen base weight is referenced, not saved; x itself is not kept."""
+    the gates; the frozen base weight is referenced, not saved; x itself is not kept. The backward runs on
+    the forward's backend (a backward called outside a ``use_backend`` block stays on it) and is not
+    itself differentiable (a backward with ``create_graph=True`` raises)."""
 
     @staticmethod
     def forward(ctx, x2, bias, lora_c, lora_d, lora_b, gates, weight, nf4, scale):
+        ctx.backend = backend.resolve(x2)
+        with backend.use_backend(ctx.backend):
+            return _LoraAMR._forward(ctx, x2, bias, lora_c, lora_d, lora_b, gates, weight, nf4, scale)
+
+    @staticmethod
+    def _forward(ctx, x2, bias, lora_c, lora_d, lora_b, gates, weight, nf4, scale):
         d_out = lora_b.shape[1]
         z = F.linear(x2, lora_d.to(x2.dtype))                                       # [T, r']
         y = _base_apply(x2, weight, nf4, bias, d_out)
@@ -871,6 +884,14 @@ class _LoraAMR(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():   # create_graph=True: the grads below would be detached constants
+            raise RuntimeError("lora_amr is not twice differentiable (its backward was asked for a graph, "
+                               "create_graph=True); use lora_mixture with lora_a = C_m D for higher derivatives")
+        with backend.use_backend(ctx.backend):
+            return _LoraAMR._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         z, lora_c, lora_d, lora_b, gates = ctx.saved_tensors
         need = ctx.needs_input_grad
         leaves = [t.detach().requires_grad_(n) for t, n in
@@ -903,7 +924,9 @@ def lora_amr(x: Tensor, weight, bias: Optional[Tensor], lora_c: Tensor, lora_d: 
     gates ``[T, M]`` (token gates only). The activation saved for backward is ``D x`` (``[T, r']``),
     never x. Gradients: x, lora_c, gates, bias, and lora_b if it requires grad (SPEC: frozen).
     W and D are frozen: raises ValueError if either requires grad while grad mode is on.
-    The LoRA part runs through :func:`lora_mixture` on ``D x`` (Triton or reference by backend).
+    The LoRA part runs through :func:`lora_mixture` on ``D x`` (Triton or reference by backend). Under
+    ``torch.compile`` it runs as :func:`lora_mixture` with ``A_m = C_m D`` (equal values, but x is saved).
+    Not twice differentiable.
     """
     if lora_d.dim() != 2 or lora_d.shape[1] != x.shape[-1]:
         raise ValueError(f"lora_amr: lora_d must be [r', d_in={x.shape[-1]}], got {tuple(lora_d.shape)}")
@@ -914,6 +937,9 @@ def lora_amr(x: Tensor, weight, bias: Optional[Tensor], lora_c: Tensor, lora_d: 
     _common.require_float("lora_amr", lora_c=lora_c, lora_d=lora_d)
     a_shape = torch.empty(lora_c.shape[0], lora_c.shape[1], x.shape[-1], device="meta")
     d = _check(x, weight, bias, a_shape, lora_b, gates, None, name="lora_amr")
+    if torch.compiler.is_compiling():   # the same sum with A_m = C_m D made explicit: a graph Dynamo traces
+        return lora_mixture(x, weight, bias, torch.einsum("mrk,kd->mrd", lora_c, lora_d.to(lora_c.dtype)),
+                            lora_b, gates, scale)
     y = _LoraAMR.apply(x.reshape(d.T, d.d_in), bias, lora_c, lora_d, lora_b, gates.reshape(d.T, d.M),
                        weight if d.nf4 is None else None, d.nf4, float(scale))
     return y.reshape(*d.lead, d.d_out)

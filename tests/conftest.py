@@ -108,3 +108,9 @@ def compile_for_sm90(module: str, cases: list) -> str:
         pytest.skip(f"triton's compiler is not usable here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
     return r.stdout
+
+
+def nan_strided(t):
+    """The same values as ``t`` in a view with stride 2 on its last dim, NaN in between: a kernel that
+    assumes unit stride reads the NaNs and fails the comparison."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import DEVICE, assert_matches_reference
+from conftest import DEVICE, assert_matches_reference, nan_strided
 from mmts_fast.kernels import _common
 from mmts_fast import use_backend
 from mmts_fast.kernels import expert_heads as eh
@@ -46,6 +46,8 @@ def make_inputs(B, L, C, H, M, *, gate="bcm", revin=False, film=False, dtype=tor
     out = {}
     for k, v in inp.items():   # keep x's strides when casting
         out[k] = v.to(dtype) if k == "x" else v.to(dtype).contiguous()
+        if noncontig and k != "x":   # every parameter a stride-2 view too (NaN between its values)
+            out[k] = nan_strided(out[k])
     return out
 
 
@@ -185,10 +187,17 @@ def test_bad_inputs(backend):
             eh.expert_heads(x[:, :10], w, b, g)
         with pytest.raises(ValueError, match="does not broadcast"):
             eh.expert_heads(x, w, b, g, film_gamma=torch.ones(5, device=x.device))
+        with pytest.raises(ValueError, match="does not broadcast"):    # broadcasts, but to more dims
+            eh.expert_heads(x, w, b, g, film_beta=torch.ones(1, 1, 1, 1, device=x.device))
+        with pytest.raises(ValueError, match="windows must be integers"):
+            eh.expert_heads(x, w, b, g, (20, 9.5))
         with pytest.raises(ValueError, match="x must be a floating-point tensor"):
             eh.expert_heads(x.round().long(), w, b, g)       # would be an integer matmul, weights truncated
         with pytest.raises(ValueError, match="gates must be a floating-point tensor"):
             eh.expert_heads(x, w, b, (g > 0.5).int())
+    if backend == "triton":   # the kernels compute in fp32: fp64 is the reference's alone
+        with use_backend(backend), pytest.raises(ValueError, match="Triton path takes fp32/bf16/fp16"):
+            eh.expert_heads(x.double(), w.double(), b.double(), g.double())
 
 
 def test_import_does_not_load_triton():

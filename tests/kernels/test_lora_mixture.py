@@ -6,7 +6,7 @@ small. Every case: fresh random inputs, odd sizes, poisoned outputs, an fp64 ref
 import pytest
 import torch
 
-from conftest import DEVICE, assert_matches_reference
+from conftest import DEVICE, assert_matches_reference, nan_strided
 from mmts_fast.kernels import _common
 from mmts_fast import use_backend
 from mmts_fast.kernels import lora_mixture as lm
@@ -51,12 +51,15 @@ def make_inputs(T, d_in, d_out, r, M, top, *, lead=None, segments=None, zero_row
     return {k: (v.to(DEVICE) if v is not None else None) for k, v in inp.items()}
 
 
-def run(backend, inp, *, dtype=None, scale=SCALE, segments=None, weight=None):
-    """Forward and backward through one backend; returns (y, grads dict)."""
+def run(backend, inp, *, dtype=None, scale=SCALE, segments=None, weight=None, strided_bias=False):
+    """Forward and backward through one backend; returns (y, grads dict). strided_bias: the bias as a
+    stride-2 view (NaN between its values)."""
     leaves = {}
     for k in ("x", "bias", "lora_a", "lora_b", "gates"):
         if inp[k] is not None:
             t = inp[k].to(dtype) if dtype is not None else inp[k]      # .to keeps x's strides
+            if k == "bias" and strided_bias:
+                t = nan_strided(t)
             leaves[k] = t.detach().requires_grad_(True)
     w = inp["weight"] if weight is None else weight
     if isinstance(w, torch.Tensor) and w.is_floating_point() and dtype is not None:
@@ -73,8 +76,9 @@ def check_case(*, dtype=torch.float32, segments=None, scale=SCALE, **shape):
     inp = make_inputs(**shape, segments=segments)
     if dtype is not None and shape.get("noncontig"):
         assert inp["x"].to(dtype).stride() == inp["x"].stride()
-    y_k, g_k = run("triton", inp, dtype=dtype, scale=scale, segments=segments)
-    y_r, g_r = run("torch", inp, dtype=dtype, scale=scale, segments=segments)
+    strided = bool(shape.get("noncontig"))
+    y_k, g_k = run("triton", inp, dtype=dtype, scale=scale, segments=segments, strided_bias=strided)
+    y_r, g_r = run("torch", inp, dtype=dtype, scale=scale, segments=segments, strided_bias=strided)
     y_64, g_64 = run("torch", inp, dtype=torch.float64, scale=scale, segments=segments)
     assert y_k.dtype == dtype
     assert_matches_reference(y_k, y_r, y_64, name="y")
@@ -106,6 +110,30 @@ def test_all_zero_rows_only_base():
 
 def test_3d_x():
     check_case(**{**ODD, "T": 39}, lead=(3, 13), seed=3)
+
+
+def test_mixed_dtypes_round_like_the_reference():
+    """fp32 x with bf16 adapters: both paths use the adapters in x's dtype (no rounding of x A^T to bf16),
+    and the adapters' gradients come back in their own dtype."""
+    inp = make_inputs(**ODD)
+    bf = {k: inp[k].to(torch.bfloat16).double() for k in ("lora_a", "lora_b")}    # the adapters' values
+    res = {}
+    for name, backend, dtype in (("k", "triton", torch.float32), ("r", "torch", torch.float32),
+                                 ("64", "torch", torch.float64)):
+        leaves = {"x": inp["x"].to(dtype).requires_grad_(True),
+                  **{k: (v.to(torch.bfloat16) if dtype == torch.float32 else v).requires_grad_(True)
+                     for k, v in bf.items()}}
+        with use_backend(backend):
+            y = lm.lora_mixture(leaves["x"], inp["weight"].to(dtype), None, leaves["lora_a"], leaves["lora_b"],
+                                inp["gates"].to(dtype), SCALE)
+        up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (y.double() * up.to(DEVICE)).sum().backward()
+        res[name] = (y, {k: v.grad for k, v in leaves.items()})
+    assert_matches_reference(res["k"][0], res["r"][0], res["64"][0], name="y")
+    assert_matches_reference(res["k"][1]["x"], res["r"][1]["x"], res["64"][1]["x"], name="dx")
+    for k in ("lora_a", "lora_b"):
+        assert res["k"][1][k].dtype == torch.bfloat16
+        torch.testing.assert_close(res["k"][1][k], res["r"][1][k])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -243,7 +271,7 @@ def test_nf4_weight(form):
 # LoRA-AMR
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_lora_amr(backend):
+def test_lora_amr(backend, monkeypatch):
     T, d_in, d_out, r, rp, M = 37, 72, 40, 8, 4, 5
     gen = torch.Generator().manual_seed(11)
 
@@ -264,8 +292,13 @@ def test_lora_amr(backend):
             with use_backend(backend):
                 y = lm.lora_amr(t["x"], t["weight"], t["bias"], t["lora_c"], t["lora_d"], t["lora_b"],
                                 t["gates"], SCALE)
-        (y.double() * up).sum().backward()
+        (y.double() * up).sum().backward()     # outside the block: the forward's backend runs it
         return y, {k: v.grad for k, v in leaves.items()}, saved, t
+
+    calls = []
+    for fn in ("_bwd_triton", "_base_triton"):
+        orig = getattr(lm, fn)
+        monkeypatch.setattr(lm, fn, lambda *a, _f=orig, _n=fn, **k: calls.append(_n) or _f(*a, **k))
 
     def plain(dtype):
         """The formula with A_m = C_m D, through plain autograd (which keeps x for backward)."""
@@ -281,6 +314,8 @@ def test_lora_amr(backend):
         return y, grads, saved
 
     y_k, g_k, saved, t = amr(torch.float32)
+    # Triton: forward base + LoRA, backward LoRA + the transposed base; torch: no kernel at all
+    assert calls == (["_base_triton", "_bwd_triton", "_base_triton"] if backend == "triton" else [])
     y_r, g_r, _ = plain(torch.float32)
     y_64, g_64, saved_plain = plain(torch.float64)
     assert_matches_reference(y_k, y_r, y_64, name="y")
@@ -292,6 +327,36 @@ def test_lora_amr(backend):
     activation_bytes = sum(s.numel() * s.element_size() for s in saved if s.data_ptr() not in params)
     assert activation_bytes == (T * rp + T * M) * 4
     assert any(s.shape == master["x"].shape for s in saved_plain)                # the plain formula keeps x
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_amr_is_not_twice_differentiable(backend):
+    x, W = torch.randn(20, 24, requires_grad=True), torch.randn(17, 24)
+    C, D, B = torch.randn(3, 4, 5, requires_grad=True), torch.randn(5, 24), torch.randn(3, 17, 4)
+    g = torch.rand(20, 3)
+    with use_backend(backend):
+        y = lm.lora_amr(x.to(DEVICE), W.to(DEVICE), None, C.to(DEVICE), D.to(DEVICE), B.to(DEVICE), g.to(DEVICE))
+        with pytest.raises(RuntimeError, match="not twice differentiable"):
+            torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_compile_fullgraph_on_the_reference():
+    """torch.compile(fullgraph=True) traces K2's reference (the dense all-expert form: no data-dependent
+    shapes) for token gates, segments and LoRA-AMR, with the eager values."""
+    g = torch.Generator().manual_seed(3)
+    x, W = torch.randn(6, 24, generator=g), torch.randn(20, 24, generator=g)
+    A, B = torch.randn(3, 4, 24, generator=g), torch.randn(3, 20, 4, generator=g)
+    C, D = torch.randn(3, 4, 5, generator=g), torch.randn(5, 24, generator=g)
+    tok = torch.tensor([[1., 0, 0], [0, .5, .5], [0, 0, 0], [1, 1, 0], [0, 0, 1], [.3, 0, .7]])
+    seg = torch.rand(2, 3, generator=g)
+    calls = {"tokens": lambda x: lm.lora_mixture(x, W, None, A, B, tok),
+             "segments": lambda x: lm.lora_mixture(x, W, None, A, B, seg, segments=2),
+             "amr": lambda x: lm.lora_amr(x, W, None, C, D, B, tok)}
+    torch._dynamo.reset()
+    with use_backend("torch"):
+        for name, f in calls.items():
+            torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x),
+                                       msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
