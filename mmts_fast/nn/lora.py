@@ -20,6 +20,7 @@ adapter ``default`` in ``dir/`` and adapter ``expertM`` in ``dir/expertM/``, key
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -178,6 +179,13 @@ class LoRAMixtureLinear(nn.Module):
     def delta_weight(self, expert: int = 0) -> Tensor:
         """``scale * B_m A_m`` ``[d_out, d_in]`` (fp32): what merging expert m with gate 1 adds to W."""
         return self.scale * (self.lora_B[expert].float() @ self.effective_lora_a()[expert].float())
+
+    def __getstate__(self):
+        """For deepcopy / pickle: the router's last gates (a tensor in that forward's autograd graph) are
+        not copied; the next forward sets them again."""
+        state = dict(super().__getstate__())
+        state["routed_gates"] = None
+        return state
 
     def expand_gates(self, gates: Optional[Tensor], x: Tensor) -> Tensor:
         """Gates as ``[T, M]`` for x ``[..., d_in]`` (see the class docstring)."""
@@ -420,13 +428,24 @@ class DLoRAState:
         return torch.where(cur.any(1), last, torch.full_like(last, S - 1))
 
     def _layer_hook(self, i: int):
-        def hook(layer, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            gates, probs, aux = self.routers[i](hidden, self._last_index(hidden))
-            for j, t in enumerate(self.targets):
-                self.modules[i][t].routed_gates = gates[:, j:j + 1]      # [B, 1] per sample
-            self.last_gates[i], self.last_probs[i], self._aux[i] = gates, probs, aux
-        return hook
+        # A partial of a bound method, not a closure: copy.deepcopy and pickle (torch.save of the whole
+        # model) then copy this state with the model, so a copy's hooks route the copy's modules.
+        return functools.partial(self._route_layer, i)
+
+    def _route_layer(self, i: int, layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        gates, probs, aux = self.routers[i](hidden, self._last_index(hidden))
+        for j, t in enumerate(self.targets):
+            self.modules[i][t].routed_gates = gates[:, j:j + 1]      # [B, 1] per sample
+        self.last_gates[i], self.last_probs[i], self._aux[i] = gates, probs, aux
+
+    def __getstate__(self):
+        """For deepcopy / pickle: the last forward's gates, losses and mask (tensors in that call's autograd
+        graph, which deepcopy refuses) are not copied; a copy starts as before any forward."""
+        state = dict(self.__dict__)
+        n = len(self.layers)
+        state.update(last_gates=[None] * n, last_probs=[None] * n, _aux=[None] * n, _mask=None)
+        return state
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -351,6 +351,29 @@ def test_dlora_gradients(dlora):
     assert state.routers[1].proj.weight.grad.abs().sum() > 0
 
 
+def test_dlora_deepcopy_and_pickle_after_training_step(dlora, tmp_path):
+    """Keeping the best model with copy.deepcopy (or torch.save of the whole model) works after a training
+    step (the last gates are in that step's graph), and the copy routes its own modules: its hooks are not
+    bound to the original's routers."""
+    import copy
+    model, state, ids, _ = dlora
+    randomize_b(model, std=0.05)
+    (model(input_ids=ids).logits.square().mean() + 0.01 * state.aux_loss()).backward()
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        gates = [m.routed_gates.clone() for m in state.modules[0].values()]
+        torch.testing.assert_close(twin(input_ids=ids).logits, ref)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref)
+        for layer in twin.model.layers:          # change the copy's routing only
+            layer.dlora_router.proj.weight.normal_(0, 5.0, generator=torch.Generator().manual_seed(7))
+        assert (twin(input_ids=ids).logits - ref).abs().max() > 1e-4
+        assert all(torch.equal(m.routed_gates, g) for m, g in zip(state.modules[0].values(), gates))
+        torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
 def test_dlora_router_reads_last_real_token():
     """Right padding: the router pools the last non-padding token (the model call's attention_mask)."""
     model = tiny_llama()
