@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import fields
@@ -37,7 +38,7 @@ def build_datasets(spec: dict):
     """Train/val/test datasets from a data spec (a TSLib CSV, a Time-MMD domain, or ``None`` for the
     built-in synthetic data). For text models (``spec["text"]``), also attaches the cached text inputs.
     Returns ``(train, val, test, d_llm or None)``."""
-    from mmts_fast.data import ForecastDataset, load_csv, synthetic_table
+    from mmts_fast.data import ForecastDataset, infer_freq, load_csv, synthetic_table
     from mmts_fast.data.timemmd import TimeMMDDataset, load_timemmd
 
     kw = dict(lookback=spec["lookback"], horizon=spec["horizon"], features=spec["features"], target=spec["target"],
@@ -53,13 +54,19 @@ def build_datasets(spec: dict):
         if spec.get("data"):
             table = load_csv(spec["data"], target=spec["target"])
             name = Path(spec["data"]).stem
-            kw["borders"] = "ett_h" if name.startswith("ETTh") else "ett_m" if name.startswith("ETTm") else "custom"
+            kw["borders"] = spec.get("borders") or "auto"
+            if kw["borders"] == "auto":   # ETTh*/ETTm* file names get ETT borders, other files 70/10/20
+                kw["borders"] = "ett_h" if name.startswith("ETTh") else "ett_m" if name.startswith("ETTm") else "custom"
         else:
             table = synthetic_table(**spec["synthetic"])
             kw["borders"] = "custom"
         train = ForecastDataset(table, "train", **kw)
         stats = (train.mean, train.std)
         val, test = (ForecastDataset(table, sp, stats=stats, **kw) for sp in ("val", "test"))
+    try:   # what the dates alone say (eval/export with another file: compared with the run's freq)
+        test.inferred_freq = infer_freq(table.dates)
+    except ValueError:
+        test.inferred_freq = None
     d_llm = None
     if spec.get("text"):
         from mmts_fast.text.conditioning import attach_text
@@ -71,17 +78,32 @@ def _load_spec(run_dir: Path, data=None) -> dict:
     path = run_dir / DATA_SPEC
     if not path.exists():
         raise SystemExit(f"error: {run_dir} has no {DATA_SPEC}; is it a directory written by `mmts-fast train`?")
-    spec = json.loads(path.read_text())
+    try:
+        spec = json.loads(path.read_text())
+        if not isinstance(spec, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not a readable {DATA_SPEC} ({e}); re-run `mmts-fast train` "
+                         "to write it again") from None
     if data is not None:
         spec["data"] = str(Path(data).resolve())
     return spec
 
 
 # ------------------------------------------------------------------------------------------ train
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _data_error(e: Exception) -> SystemExit:
+    """A data loading error as the CLI says it: the loader's "pass freq"/"borders='custom'" are options here."""
+    return SystemExit("error: " + str(e).replace("pass freq explicitly", "pass --freq (h, t, d, w, m, ...)")
+                      .replace("use borders='custom' for other files (--borders custom in the CLI)",
+                               "pass --borders custom for other files"))
+
+
+def _prepare_out(out: Path, overwrite: bool):
     """Checked before any data is loaded or text encoded: ``--out`` must be a folder (or not exist yet)
     that holds no earlier run, unless ``--overwrite``, which removes the run files named in RUN_FILES
-    (and MoLA's stage1/ checkpoint) and nothing else."""
+    (and MoLA's stage1/ checkpoint) and nothing else. Returns the function that removes them, which
+    training calls just before it writes the new run's first file (``fit(before_save=...)``): a run that
+    fails before that (a typo in --data, bad options) leaves the old run as it was."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file, not a folder")
     found = [out / n for n in RUN_FILES if (out / n).is_file()]
@@ -89,8 +111,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if found and not overwrite:
         raise SystemExit(f"error: {out} already holds a run ({', '.join(str(f.relative_to(out)) for f in found)}); "
                          f"pass --overwrite to replace it, or choose another --out")
-    for f in found:
-        f.unlink()
+    done = []
+
+    def remove_old_run() -> None:
+        if not done:   # once: MoLA's stage 2 must not remove stage 1's new checkpoint
+            done.append(True)
+            for f in found:
+                f.unlink(missing_ok=True)
+    return remove_old_run
 
 
 def _as_path(value, keep=(), files_only=False):
@@ -164,12 +192,15 @@ def cmd_train(args) -> dict:
                              f"give one window per expert")
     _warn_ignored(args, klass.model_type)
     out = Path(args.out)
-    _prepare_out(out, args.overwrite)
+    remove_old_run = _prepare_out(out, args.overwrite)
     text_model = bool(getattr(klass, "extra_inputs", ()))    # LeMoLE, MoME, LLM-TS Net take text inputs
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
             "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
-            "freq": args.freq, "text": None}
+            "freq": args.freq, "borders": args.borders, "text": None}
+    if args.borders not in ("auto", "custom") and (args.data is None or is_timemmd(Path(args.data))):
+        print(f"warning: --borders {args.borders} is ignored for {'a Time-MMD domain' if args.data else 'built-in data'}"
+              " (70/10/20 split)", file=sys.stderr)
     if args.text_lm and (klass.model_type != "llm_ts_net" or args.no_text):
         raise SystemExit("error: --text-lm is for --model llm_ts_net with text (its LoRA-AMR fine-tuned LM)")
     if args.quiet and ((text_model and not args.no_text) or klass.model_type == "time_llama"):
@@ -188,11 +219,14 @@ def cmd_train(args) -> dict:
     try:
         train, val, test, d_llm = build_datasets(spec)
     except (ValueError, FileNotFoundError, ImportError) as e:   # the loader's "pass freq" is --freq here
-        raise SystemExit("error: " + str(e).replace("pass freq explicitly", "pass --freq (h, t, d, w, m, ...)"))
+        raise _data_error(e)
     spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
+    if len(train) < args.batch_size:   # before anything is written (MoLA's stage 1 has more windows)
+        raise SystemExit(f"error: the train split has {len(train)} windows, fewer than one batch of "
+                         f"{args.batch_size}: lower --batch-size")
 
     if klass.model_type == "mola":
-        return _train_mola(args, spec, train, val, test)
+        return _train_mola(args, spec, train, val, test, remove_old_run)
     options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
                              channel_independent=False if args.channel_mixing else None, top_k=args.top_k)
     if spec["text"] and not args.text_lm:   # (the --text-lm path tokenizes for its own LM, recorded as text_lm)
@@ -225,7 +259,8 @@ def cmd_train(args) -> dict:
     print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
           f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
     # data.json goes in with the first checkpoint: a run that fails before leaves no data.json alone
-    metrics = fit(model, train, val, test, tcfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec))
+    metrics = fit(model, train, val, test, tcfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec),
+                  before_save=remove_old_run)
     metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
     metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target", "text")}
     write_json(out / "metrics.json", metrics)
@@ -247,7 +282,7 @@ def _config(klass, options: dict):
     return klass.config_class(**{k: v for k, v in options.items() if k in names and v is not None})
 
 
-def _train_mola(args, spec, train, val, test) -> dict:
+def _train_mola(args, spec, train, val, test, remove_old_run=None) -> dict:
     """MoLA: stage 1 trains the backbone with a one-step head, stage 2 the segment LoRA mixture."""
     from mmts_fast.models import MoLA, get_model_class
     from mmts_fast.models.mola import BACKBONES
@@ -264,17 +299,19 @@ def _train_mola(args, spec, train, val, test) -> dict:
     try:
         torch.manual_seed(args.seed)
         backbone = klass(_config(klass, _model_options(args, train, horizon=1)))
-        stage1_cfg = TrainConfig(lr=args.lr or 0.005, lr_decay=args.lr_decay or 0.5, **common)
-        stage2_cfg = TrainConfig(lr=args.stage2_lr, lr_decay=args.lr_decay or 0.5, **common)
+        decay = 0.5 if args.lr_decay is None else args.lr_decay
+        stage1_cfg = TrainConfig(lr=0.005 if args.lr is None else args.lr, lr_decay=decay, **common)
+        stage2_cfg = TrainConfig(lr=args.stage2_lr, lr_decay=decay, **common)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(f"MoLA stage 1: {klass.__name__} with a one-step head")
-    m1 = fit(backbone, tr1, va1, te1, stage1_cfg, out_dir=out / "stage1")
+    m1 = fit(backbone, tr1, va1, te1, stage1_cfg, out_dir=out / "stage1", before_save=remove_old_run)
     model = MoLA.from_backbone(backbone.cpu(), args.horizon, segments=args.segments, n_lora=args.lora_experts,
                                rank=args.lora_rank)
     print(f"MoLA stage 2: {args.segments} segments, {args.lora_experts} LoRA experts of rank {args.lora_rank}; "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-    metrics = fit(model, train, val, test, stage2_cfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec))
+    metrics = fit(model, train, val, test, stage2_cfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec),
+                  before_save=remove_old_run)
     metrics["stage1"] = {k: m1[k] for k in ("val", "test", "best_epoch", "train_time_s")}
     metrics["model"] = {"model_type": "mola", **model.config.__dict__}
     metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target")}
@@ -285,26 +322,52 @@ def _train_mola(args, spec, train, val, test) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- eval
-def cmd_eval(args) -> dict:
+def _load_model(run_dir: Path):
+    """``from_pretrained`` with a damaged file as one error line naming it."""
+    from safetensors import SafetensorError
+
     from mmts_fast.models import ForecastModel
+    try:
+        return ForecastModel.from_pretrained(run_dir)
+    except SafetensorError as e:
+        raise SystemExit(f"error: {run_dir / 'model.safetensors'} is not a readable safetensors file ({e}); "
+                         "it may be damaged: train the run again") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {run_dir / 'config.json'} is not valid JSON ({e})") from None
+
+
+def _check_data(spec: dict, test, model, data) -> None:
+    """Data other than the run's own must have the columns the model was trained on (names and order, as
+    data.json records them); a different frequency of its dates is a warning (time features use the run's)."""
+    columns = spec.get("columns")
+    if columns is not None and list(test.columns) != list(columns):
+        raise SystemExit(f"error: the data's columns {list(test.columns)} differ from the columns the model was "
+                         f"trained on {list(columns)}")
+    if test.n_channels != model.config.channels:
+        raise SystemExit(f"error: the data has {test.n_channels} channels but the model was trained on "
+                         f"{model.config.channels}")
+    inferred = getattr(test, "inferred_freq", None)
+    if data is not None and inferred is not None and spec.get("freq") and inferred != spec["freq"]:
+        print(f"warning: the dates of {data} look like freq {inferred!r} but the model was trained with freq "
+              f"{spec['freq']!r}; its time features are computed as {spec['freq']!r}", file=sys.stderr)
+
+
+def cmd_eval(args) -> dict:
     from mmts_fast.plot import plot_forecasts
     from mmts_fast.train import evaluate, resolve_device
 
     run_dir = Path(args.run_dir)
     device = resolve_device(args.device)
     spec = _load_spec(run_dir, args.data)
-    model = ForecastModel.from_pretrained(run_dir).to(device)
+    model = _load_model(run_dir).to(device)
     try:
         _, _, test, _ = build_datasets(spec)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"error: {e}")
-    if test.n_channels != model.config.channels:
-        raise SystemExit(f"error: the data has {test.n_channels} channels but the model was trained on "
-                         f"{model.config.channels}")
+        raise _data_error(e)
+    _check_data(spec, test, model, args.data)
     m = evaluate(model, test)
     print(f"test  mse {m['mse']:.4f}  mae {m['mae']:.4f}  ({len(test)} windows, {spec['data'] or 'built-in data'})")
-    png = Path(args.plot) if args.plot else run_dir / "forecast.png"
-    plot_forecasts(model, test, png)
+    png = plot_forecasts(model, test, args.plot if args.plot else run_dir / "forecast.png")
     print(f"plot: {png}")
     return m
 
@@ -312,27 +375,45 @@ def cmd_eval(args) -> dict:
 # ----------------------------------------------------------------------------------------- export
 def cmd_export(args) -> float:
     from mmts_fast.export import export_onnx, verify_onnx
-    from mmts_fast.models import ForecastModel
 
     run_dir = Path(args.run_dir)
-    model = ForecastModel.from_pretrained(run_dir)
+    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a folder; give the ONNX file's path (e.g. {out / 'model.onnx'})")
+    if out.exists() and out.suffix.lower() != ".onnx":   # a previous export may be replaced, nothing else
+        raise SystemExit(f"error: --out {out} exists and is not an .onnx file; refusing to write over it "
+                         "(choose another path)")
+    model = _load_model(run_dir)
     if getattr(model, "is_nf4", False):   # ONNX has no NF4 ops: the file gets the de-quantised weights
         model.export_dense()
         print("the NF4 backbone is exported with its de-quantised (dense) weights")
-    out = Path(args.out) if args.out else run_dir / "model.onnx"
-    try:   # check on real test windows (and their cached text inputs) when the data is at hand
-        _, _, test, _ = build_datasets(_load_spec(run_dir, getattr(args, "data", None)))
+    data = getattr(args, "data", None)
+    # check on real test windows (and their cached text inputs) when the data is at hand; data.json must
+    # be readable when present, and data the user named must load
+    spec = _load_spec(run_dir, data) if data is not None or (run_dir / DATA_SPEC).exists() else None
+    try:
+        if spec is None:
+            raise FileNotFoundError(f"{run_dir} has no {DATA_SPEC}")
+        _, _, test, _ = build_datasets(spec)
+        _check_data(spec, test, model, data)
         idx = torch.arange(min(len(test), 16))
         x, _, xm, _ = test.batch(idx)[:4]
         extra = model.export_inputs(test.extras(idx)) if hasattr(test, "extras") else {}
-    except (SystemExit, ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if data is not None:
+            raise _data_error(e)
         if getattr(model, "extra_inputs", ()):
             raise SystemExit(f"error: exporting {type(model).__name__} needs its data and text cache: {e}")
+        print(f"warning: the run's data could not be loaded ({e}); checking the export on random inputs "
+              "(pass --data to check it on the data)", file=sys.stderr)
         cfg = model.config
         x, xm = torch.randn(16, cfg.lookback, cfg.channels), torch.rand(16, cfg.lookback, cfg.n_time_features) - 0.5
         extra = {}
     export_onnx(model, out, extra_inputs={k: v[:2] for k, v in extra.items()} or None)
-    err = verify_onnx(model, out, x, xm, atol=args.atol, extra_inputs=extra or None)
+    try:
+        err = verify_onnx(model, out, x, xm, atol=args.atol, extra_inputs=extra or None)
+    except AssertionError as e:
+        raise SystemExit(f"error: the ONNX Runtime check failed: {e}; the exported file was left at {out}") from None
     print(f"exported {out}; ONNX Runtime vs PyTorch max abs error {err:.2e} (batch {x.shape[0]}, tolerance {args.atol:g})")
     return err
 
@@ -344,26 +425,36 @@ def cmd_run(args):
 
 
 # ----------------------------------------------------------------------------------------- parser
-def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
+def _train_args(p: argparse.ArgumentParser, out_required: bool = True, out_default=None):
     p.add_argument("--model", default="rlinear_mole", help="dlinear_mole | rlinear_mole | rmlp_mole | lemole | mome | mola | llm_ts_net | time_llama")
     p.add_argument("--data", default=None, help="TSLib CSV (date column + channels) or a Time-MMD domain "
                    "folder/CSV; built-in data if omitted")
-    p.add_argument("--lookback", type=int, default=336)
-    p.add_argument("--horizon", type=int, default=96)
+    p.add_argument("--lookback", type=int, default=336, help="input window length L (default %(default)s)")
+    p.add_argument("--horizon", type=int, default=96, help="forecast length H (default %(default)s)")
     p.add_argument("--experts", type=int, default=4, help="number of linear experts (1 = DLinear/RLinear)")
     p.add_argument("--windows", type=int, nargs="+", default=None, help="per-expert lookback windows")
-    p.add_argument("--head-dropout", type=float, default=0.2)
-    p.add_argument("--dropout", type=float, default=None, help="input dropout (RLinear/RMLP; default 0.1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (MoLE recipe: 0.005; MoME: 1e-3)")
-    p.add_argument("--lr-decay", type=float, default=None, help="lr factor per epoch (default 0.5)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--patience", type=int, default=6)
-    p.add_argument("--seed", type=int, default=2021)
-    p.add_argument("--features", default="M", choices=["M", "S", "MS"])
-    p.add_argument("--target", default="OT")
-    p.add_argument("--freq", default=None, help="data frequency (h, t, d, w, ...) when it cannot be inferred "
-                   "from the dates")
+    p.add_argument("--head-dropout", type=float, default=0.2, help="dropout on the experts' heads (MoLE "
+                   "family, MoLA; default %(default)s)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout (rlinear_mole, rmlp_mole, lemole, mome, "
+                   "llm_ts_net, time_llama, mola with an rlinear/rmlp backbone; default 0.1)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (MoLE recipe: 0.005; MoME, LLM-TS Net: "
+                   "1e-3); with --model mola it sets stage 1 only (stage 2: --stage2-lr)")
+    p.add_argument("--lr-decay", type=float, default=None, help="lr factor per epoch, > 0 (default 0.5)")
+    p.add_argument("--epochs", type=int, default=40, help="most epochs; early stopping may end sooner "
+                   "(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size (default %(default)s)")
+    p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better validation "
+                   "MSE (default %(default)s)")
+    p.add_argument("--seed", type=int, default=2021, help="random seed (default %(default)s)")
+    p.add_argument("--features", default="M", choices=["M", "S", "MS"], help="M: all channels in and out; S: "
+                   "the target only; MS: all in, the target out (default %(default)s)")
+    p.add_argument("--target", default="OT", help="target column, put last (default %(default)s; with "
+                   "--features M a target other than OT must exist too)")
+    p.add_argument("--freq", default=None, help="data frequency for the time features, when the dates do not "
+                   "give it: a unit (s, t or min, h, d, b, w, m) with an optional count, e.g. 15min, 3h")
+    p.add_argument("--borders", default="auto", choices=["auto", "ett_h", "ett_m", "custom"],
+                   help="train/val/test split: ett_h / ett_m (12/4/4 months of ETT rows), custom (70/10/20); "
+                   "auto (default): ett_h for ETTh* files, ett_m for ETTm*, else custom")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--fused-optimizer", action="store_true", help="fused Adam/AdamW kernel (faster)")
@@ -373,8 +464,9 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--llm-layers", type=int, default=2, help="Time-LlaMA: first K decoder layers of the LLM")
     g.add_argument("--segments", type=int, default=4, help="forecast-step segments S")
     g.add_argument("--lora-experts", type=int, default=4, help="shared LoRA experts P")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--stage2-lr", type=float, default=0.005, help="learning rate of stage 2 (the LoRA experts)")
+    g.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA experts (default %(default)s)")
+    g.add_argument("--stage2-lr", type=float, default=0.005, help="learning rate of stage 2 (the LoRA experts; "
+                   "default %(default)s)")
     g = p.add_argument_group("text (lemole, mome, llm_ts_net)")
     g.add_argument("--text-encoder", default=None, help="minilm (default) | smollm2 | path to a Hugging Face "
                    "model folder")
@@ -392,9 +484,10 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True):
     g.add_argument("--channel-mixing", action="store_true",
                    help="LeMoLE: CNNs mix across channels as in the paper (default: per channel)")
     g.add_argument("--top-k", type=int, default=None, help="MoME: experts per token (default 2)")
-    p.add_argument("--out", required=out_required, default=None, help="run directory")
+    p.add_argument("--out", required=out_required, default=out_default,
+                   help="run directory" + (" (default %(default)s)" if out_default else ""))
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its run files "
-                   "only) instead of stopping")
+                   "only, removed when the new run writes its first checkpoint) instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,17 +497,21 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(sub.add_parser("train", help="train a model; writes the best checkpoint and metrics.json"))
     p = sub.add_parser("eval", help="test MSE/MAE and a forecast plot")
     p.add_argument("run_dir")
-    p.add_argument("--data", default=None, help="CSV (default: the data the run was trained on)")
-    p.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/forecast.png)")
+    p.add_argument("--data", default=None, help="CSV or Time-MMD domain to score instead of the run's data "
+                   "(the default); it needs the run's columns, and its own test split is scored, scaled with a "
+                   "scaler fitted on its own train split")
+    p.add_argument("--plot", default=None, help="PNG path, or a folder to write forecast.png in (default "
+                   "RUN_DIR/forecast.png)")
     p.add_argument("--device", default="auto")
     p = sub.add_parser("export", help="ONNX export, verified in ONNX Runtime")
     p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="ONNX path (default RUN_DIR/model.onnx)")
+    p.add_argument("--out", default=None, help="ONNX path (default RUN_DIR/model.onnx); an existing file "
+                   "there is replaced only if it is an .onnx file")
     p.add_argument("--data", default=None, help="the run's data, if it moved (text models need it to export)")
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-4, help="largest ONNX Runtime vs PyTorch absolute difference "
+                   "accepted (default %(default)s)")
     p = sub.add_parser("run", help="train + eval + export (the README's main job)")
-    _train_args(p, out_required=False)
-    p.set_defaults(out="runs/demo")
+    _train_args(p, out_required=False, out_default="runs/demo")
     return parser
 
 
@@ -423,7 +520,18 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
                PermissionError, FloatingPointError, ImportError)
 
 
+class _WarningLines(logging.Handler):
+    """The loaders' logged warnings (dropped columns, ...) as the CLI's own ``warning: ...`` lines on stderr."""
+
+    def emit(self, record):
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    log = logging.getLogger("mmts_fast.data")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        handler = _WarningLines(logging.WARNING)
+        log.addHandler(handler)
     args = build_parser().parse_args(argv)
     try:
         {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_run}[args.command](args)

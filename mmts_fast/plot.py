@@ -9,7 +9,8 @@ import torch
 @torch.no_grad()
 def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Path:
     """PNG of ``n_windows`` evenly spaced test windows: lookback, truth and forecast of one channel
-    (the target by default), in the data's original units."""
+    (the target by default), in the data's original units. ``path``: a file (``.png`` is added when it
+    has no extension, as matplotlib would) or a folder (``forecast.png`` in it); returns the file written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -34,7 +35,10 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     axes[0, 0].legend(loc="upper left", fontsize=8, ncol=3)
     axes[-1, 0].set_xlabel("steps relative to the forecast origin")
     fig.tight_layout()
-    path = Path(path)
+    folder = Path(path).is_dir() or str(path).endswith(("/", "\\"))
+    path = Path(path) / "forecast.png" if folder else Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

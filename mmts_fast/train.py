@@ -43,6 +43,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr_decay > 0:
+            raise ValueError(f"lr_decay must be > 0, got {self.lr_decay}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
 
@@ -107,10 +109,12 @@ def evaluate(model: nn.Module, ds: ForecastDataset, batch_size: int = 256, devic
 
 
 def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, test_ds: Optional[ForecastDataset],
-        cfg: TrainConfig, out_dir=None, log=print, on_save=None) -> dict:
+        cfg: TrainConfig, out_dir=None, log=print, on_save=None, before_save=None) -> dict:
     """Trains with early stopping on validation MSE. The best model is kept in memory and, when
     ``out_dir`` is given, saved there (``save_pretrained``, files written atomically) each time it
     improves, then ``on_save()`` is called (the CLI writes its data spec beside the checkpoint).
+    ``before_save()`` is called once, just before the first file is written to ``out_dir`` (the CLI's
+    ``--overwrite`` removes the previous run's files there, so a run that fails earlier leaves them).
     Returns the metrics (also written to ``out_dir/metrics.json``); the model ends with
     the best weights loaded."""
     from tqdm.auto import tqdm
@@ -122,16 +126,22 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_class([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                     **({"fused": True} if cfg.fused_optimizer else {}))
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if steps_per_epoch == 0:   # checked before out_dir is made: a run that cannot train leaves nothing behind
+        raise ValueError(f"the train split has {len(train_ds)} windows, fewer than one batch of {cfg.batch_size}")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    pending = [before_save] if before_save is not None else []
+
+    def first_write():
+        while pending:
+            pending.pop()()
+
     best = {"val_mse": math.inf, "epoch": 0, "state": None}
     history = []
     bad_epochs = 0
     t0 = time.perf_counter()
-    steps_per_epoch = len(train_ds) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_ds)} windows, fewer than one batch of {cfg.batch_size}")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         lr = cfg.lr * cfg.lr_decay ** (epoch - 1)
@@ -167,6 +177,7 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
             best = {"val_mse": val["mse"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
             bad_epochs = 0
             if out_dir is not None and hasattr(model, "save_pretrained"):
+                first_write()
                 model.save_pretrained(out_dir)
                 if on_save is not None:
                     on_save()
@@ -184,6 +195,7 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
     if test_ds is not None:
         metrics["test"] = evaluate(model, test_ds, cfg.eval_batch_size, device)
     if out_dir is not None:
+        first_write()
         write_json(out_dir / "metrics.json", metrics)
     return metrics
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mmts_fast.cli import main
+from mmts_fast.cli import build_parser, main
 
 SMALL = ["--lookback", "48", "--horizon", "12", "--epochs", "2", "--batch-size", "32", "--quiet"]
 
@@ -65,7 +65,7 @@ def test_out_folder_holding_a_run(tmp_path):
     failed = tmp_path / "failed"
     with pytest.raises(SystemExit, match="fewer than one batch of 5000"):
         main(["train", "--out", str(failed), *args, "--batch-size", "5000"])
-    assert not (failed / "data.json").exists()
+    assert not failed.exists()          # checked before the folder is made: nothing left behind
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         main(["train", "--out", str(tmp_path / "afile"), *args])
@@ -105,7 +105,7 @@ def test_ignored_options_warn_and_freq(tmp_path, capsys):
                             for i in reversed(range(400))]
     csv.write_text("\n".join(rows) + "\n")
     for freq in ([], ["--freq", "h"]):
-        with pytest.raises(SystemExit, match="dates must be in increasing order; row 1 .*sort the file by date"):
+        with pytest.raises(SystemExit, match="dates must be in increasing order; row 3 .*sort the file by date"):
             main(["train", "--data", str(csv), "--out", str(tmp_path / "r"), *freq, *SMALL])
     capsys.readouterr()
     csv = _toy_csv(tmp_path)      # hourly; --freq overrides the inferred frequency (t: minute features too)
@@ -162,3 +162,142 @@ def test_load_in_4bit_with_text_lm_warns(tmp_path, capsys):
         main(["train", "--model", "llm_ts_net", "--text-lm", str(tmp_path / "no_lm"), "--load-in-4bit",
               "--out", str(tmp_path / "r"), *SMALL])
     assert "warning: --load-in-4bit is ignored with --text-lm" in capsys.readouterr().err
+
+
+def _old_run(tmp_path, *extra):
+    """A run folder with a run in it (and a plot, as eval leaves one); returns (out, train args)."""
+    out = tmp_path / "run"
+    args = ["--data", str(_toy_csv(tmp_path)), "--experts", "2", *SMALL]
+    main(["train", "--out", str(out), *args, *extra])
+    (out / "forecast.png").write_bytes(b"old plot")
+    return out, args
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_checkpoint(tmp_path, monkeypatch):
+    """--overwrite removes the old run's files only when the new run writes its first checkpoint: a run
+    that fails before (a typo in --data, a bad option, a batch larger than the data) leaves them; when
+    the new checkpoint is written they are already gone (MoLA: before its stage1/ checkpoint)."""
+    from mmts_fast.models import ForecastModel
+    out, args = _old_run(tmp_path)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    for bad in (["--data", str(tmp_path / "typo.csv")], ["--batch-size", "5000"], ["--lr-decay", "-1"],
+                ["--model", "mola", "--data", str(tmp_path / "typo.csv")], ["--model", "mola", "--batch-size", "300"]):
+        with pytest.raises(SystemExit):
+            main(["train", "--out", str(out), "--overwrite", *args, *bad])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == old, bad
+    seen = []
+    save = ForecastModel.save_pretrained
+
+    def spy(self, directory):
+        seen.append(sorted(p.name for p in out.rglob("*") if p.is_file()))
+        save(self, directory)
+    monkeypatch.setattr(ForecastModel, "save_pretrained", spy)
+    main(["train", "--model", "dlinear_mole", "--out", str(out), "--overwrite", *args])
+    assert seen[0] == []        # nothing of the old run left when the first new checkpoint is written
+    assert json.loads((out / "config.json").read_text())["model_type"] == "dlinear_mole"
+    seen.clear()
+    main(["train", "--model", "mola", "--out", str(out), "--overwrite", *args])
+    assert seen[0] == [] and (out / "stage1" / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mola"
+
+
+def test_export_out_is_never_another_file_or_a_folder(tmp_path):
+    out, _ = _old_run(tmp_path)
+    victim = tmp_path / "toy.csv"
+    before = victim.read_bytes()
+    with pytest.raises(SystemExit, match=r"--out .*toy\.csv exists and is not an \.onnx file"):
+        main(["export", str(out), "--out", str(victim)])
+    assert victim.read_bytes() == before
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(SystemExit, match=r"--out .*somedir is a folder"):
+        main(["export", str(out), "--out", str(tmp_path / "somedir")])
+    main(["export", str(out)])              # the default DIR/model.onnx, twice: a previous .onnx is replaced
+    main(["export", str(out)])
+    assert (out / "model.onnx").exists()
+
+
+def test_eval_other_data_must_have_the_runs_columns(tmp_path, capsys):
+    out, _ = _old_run(tmp_path)
+    swapped = tmp_path / "swapped.csv"
+    rows = (tmp_path / "toy.csv").read_text().splitlines()
+    swapped.write_text("\n".join(["date,b,OT"] + rows[1:]) + "\n")
+    with pytest.raises(SystemExit, match=r"columns \['b', 'OT'\] differ from the columns the model was trained "
+                                         r"on \['a', 'OT'\]"):
+        main(["eval", str(out), "--data", str(swapped)])
+    with pytest.raises(SystemExit, match=r"columns \['b', 'OT'\] differ"):
+        main(["export", str(out), "--data", str(swapped), "--out", str(tmp_path / "m.onnx")])
+    daily = tmp_path / "daily.csv"
+    daily.write_text("\n".join(["date,a,OT"] + [f"2020-{1 + i // 28:02d}-{1 + i % 28:02d},{r.split(',', 1)[1]}"
+                                                for i, r in enumerate(rows[1:337])]) + "\n")
+    capsys.readouterr()
+    main(["eval", str(out), "--data", str(daily)])
+    assert "look like freq 'd' but the model was trained with freq 'h'" in capsys.readouterr().err
+    help_text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    assert "own train split" in " ".join(help_text.split())
+
+
+def test_export_eval_named_data_and_broken_files_are_errors(tmp_path, monkeypatch):
+    """export --data that cannot be loaded, an unreadable data.json, a damaged model.safetensors and a
+    failed ONNX Runtime check are one error line each, naming the file."""
+    out, _ = _old_run(tmp_path)
+    with pytest.raises(SystemExit, match="CSV file not found: .*nonexistent.csv"):
+        main(["export", str(out), "--data", str(tmp_path / "nonexistent.csv"), "--out", str(tmp_path / "m.onnx")])
+    import mmts_fast.export
+
+    def failing_check(model, path, *a, **k):
+        raise AssertionError(f"{path}: ONNX Runtime differs from PyTorch by max abs 1e-07 > atol 1e-12")
+    monkeypatch.setattr(mmts_fast.export, "verify_onnx", failing_check)
+    with pytest.raises(SystemExit, match=r"the ONNX Runtime check failed: .*the exported file was left at .*m2\.onnx"):
+        main(["export", str(out), "--out", str(tmp_path / "m2.onnx"), "--atol", "1e-12"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_text("garbage\n")
+    for cmd in ("eval", "export"):
+        with pytest.raises(SystemExit, match=r"broken/model\.safetensors is not a readable safetensors file"):
+            main([cmd, str(broken)])
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (broken / "data.json").write_text("{bad")
+    for cmd in ("eval", "export"):
+        with pytest.raises(SystemExit, match=r"broken/data\.json is not a readable data\.json"):
+            main([cmd, str(broken)])
+
+
+def test_borders_option_lr_decay_target_and_freq(tmp_path, capsys):
+    ett = _toy_csv(tmp_path).rename(tmp_path / "ETTh1_small.csv")
+    args = ["--data", str(ett), "--experts", "2", *SMALL]
+    with pytest.raises(SystemExit, match="ett_h borders need at least 14400 rows.*pass --borders custom"):
+        main(["train", "--out", str(tmp_path / "b"), *args])
+    main(["train", "--out", str(tmp_path / "b"), *args, "--borders", "custom", "--freq", "15min"])
+    spec = json.loads((tmp_path / "b" / "data.json").read_text())
+    assert spec["borders"] == "custom" and spec["freq"] == "t"
+    main(["eval", str(tmp_path / "b")])      # eval splits the file as train did
+    with pytest.raises(SystemExit, match="lr_decay must be > 0, got -1"):
+        main(["train", "--out", str(tmp_path / "d"), *args, "--borders", "custom", "--lr-decay", "-1"])
+    with pytest.raises(SystemExit, match="target column 'nope' not found"):
+        main(["train", "--out", str(tmp_path / "t"), *args, "--borders", "custom", "--target", "nope"])
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+
+
+def test_eval_plot_path(tmp_path, capsys):
+    out, _ = _old_run(tmp_path)
+    capsys.readouterr()
+    main(["eval", str(out), "--plot", str(tmp_path / "noext")])
+    assert f"plot: {tmp_path / 'noext.png'}" in capsys.readouterr().out and (tmp_path / "noext.png").exists()
+    (tmp_path / "plots").mkdir()
+    main(["eval", str(out), "--plot", str(tmp_path / "plots")])
+    assert f"plot: {tmp_path / 'plots' / 'forecast.png'}" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "forecast.png").stat().st_size > 10_000
+
+
+def test_help_texts():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    train = " ".join(sub["train"].format_help().split())
+    for text in ("input window length L (default 336)", "forecast length H (default 96)", "(default 40)",
+                 "training batch size (default 8)", "(default 6)", "random seed (default 2021)",
+                 "target column, put last (default OT", "stage 1 only", "15min", "--borders"):
+        assert text in train, text
+    assert "(RLinear/RMLP" not in train
+    assert "run directory (default runs/demo)" in " ".join(sub["run"].format_help().split())
+    assert "(default 0.0001)" in " ".join(sub["export"].format_help().split())

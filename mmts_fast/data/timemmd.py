@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmts_fast.data.tslib import ForecastDataset, TimeSeriesTable, parse_cell, read_rows
+from mmts_fast.data.tslib import ForecastDataset, TimeSeriesTable, check_header, parse_cell, parse_dates, read_rows
 
 __all__ = ["TextRecord", "TimeMMDTexts", "load_timemmd", "load_texts", "align_texts", "TimeMMDDataset"]
 
@@ -96,7 +96,7 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
     rows, lines = read_rows(csv_path)
     if len(rows) < 2:
         raise ValueError(f"{csv_path}: no data rows")
-    header = [h.strip() for h in rows[0]]
+    header = check_header(csv_path, [h.strip() for h in rows[0]])
     if "date" not in header:
         raise ValueError(f"{csv_path}: no 'date' column in the header {header}")
     body, body_lines = rows[1:], lines[1:]
@@ -104,13 +104,7 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
         if len(r) != len(header):
             raise ValueError(f"{csv_path}: row {line} has {len(r)} fields, the header has {len(header)}")
     d = header.index("date")
-    dates = []
-    for r, line in zip(body, body_lines):
-        cell = r[d].strip()
-        try:
-            dates.append(datetime.fromisoformat(cell))
-        except ValueError:
-            raise ValueError(f"{csv_path}: unparseable date {cell!r} in row {line}, column 'date'") from None
+    dates = parse_dates(csv_path, [r[d] for r in body], body_lines)
 
     names, cols, reasons = [], [], {}   # reasons: dropped column -> its first bad cell, in header order
     for j, h in enumerate(header):
@@ -142,7 +136,8 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
         t = names.index(target)
         order = [k for k in range(len(names)) if k != t] + [t]
         names, values = [names[k] for k in order], values[:, order]
-    table = TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(csv_path))
+    table = TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(csv_path),
+                            lines=list(body_lines))
     table.dropped_columns = list(reasons)  # type: ignore[attr-defined]
     table.dropped_reasons = reasons  # type: ignore[attr-defined]
     return table

@@ -12,11 +12,14 @@ with DLinear, PatchTST, Time-LLM and friends:
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ __all__ = [
     "TimeSeriesTable",
     "load_csv",
     "parse_cell",
+    "parse_dates",
     "read_rows",
     "time_features",
     "infer_freq",
@@ -33,6 +37,8 @@ __all__ = [
     "ForecastDataset",
     "make_loaders",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Non-numeric columns that are dropped silently (Time-MMD numerical files carry them).
 IGNORED_COLUMNS = ("start_date", "end_date")
@@ -49,6 +55,8 @@ class TimeSeriesTable:
     columns: list[str]
     values: np.ndarray  # float32 [N, C]
     name: str = "<table>"
+    #: 1-based line number in the file of each row, when read from a file (for error messages)
+    lines: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -73,13 +81,78 @@ def read_rows(path: Path) -> tuple[list[list[str]], list[int]]:
     (blank lines are skipped but still counted, so error messages point at the right line)."""
     rows: list[list[str]] = []
     lines: list[int] = []
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for r in reader:
-            if any(cell.strip() for cell in r):
-                rows.append(r)
-                lines.append(reader.line_num)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for r in reader:
+                if any(cell.strip() for cell in r):
+                    rows.append(r)
+                    lines.append(reader.line_num)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 CSV text file (byte {e.object[e.start]:#04x} at offset {e.start} "
+                         f"is not UTF-8; a compressed or binary file must be converted to CSV first)") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
     return rows, lines
+
+
+def check_header(path, header: list[str]) -> list[str]:
+    """``header`` with its empty names (a pandas index column, as ``df.to_csv()`` writes it) replaced by
+    ``""`` for the caller to skip, with a warning; a ``ValueError`` naming a name that appears twice."""
+    empty = [j + 1 for j, h in enumerate(header) if h == ""]
+    if empty:
+        logger.warning("%s: ignoring %d column(s) with an empty header name (position %s; e.g. a pandas index "
+                       "column): not used as channels", path, len(empty), ", ".join(map(str, empty)))
+    dup = next((h for h, n in Counter(h for h in header if h).items() if n > 1), None)
+    if dup is not None:
+        raise ValueError(f"{path}: column name {dup!r} appears {header.count(dup)} times in the header; "
+                         "column names must be unique")
+    return header
+
+
+#: Date formats tried, in order, when the first date is not ISO 8601 (``datetime.fromisoformat``); the
+#: first one that parses the file's first date is used for every row.
+DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%Y/%m/%d",
+                "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y")
+_ACCEPTED = "accepted: ISO 8601 (2016-07-01 00:00:00) or " + ", ".join(DATE_FORMATS)
+
+
+def parse_dates(path, cells: Sequence[str], lines: Sequence[int], column: str = "date") -> list[datetime]:
+    """The dates of a file's date column. ISO 8601 when the first date is ISO, else the first of
+    :data:`DATE_FORMATS` that parses the first date, used for every row (a file has one format). A
+    ``ValueError`` names the file, row (``lines``: file line numbers) and the accepted formats for a date
+    that does not parse, and a mix of dates with and without a timezone."""
+    parse = None
+    if cells:
+        first = cells[0].strip()
+        try:
+            datetime.fromisoformat(first)
+            parse, used = datetime.fromisoformat, "ISO 8601"
+        except ValueError:
+            for fmt in DATE_FORMATS:
+                try:
+                    datetime.strptime(first, fmt)
+                except ValueError:
+                    continue
+                parse, used = (lambda c, fmt=fmt: datetime.strptime(c, fmt)), fmt
+                break
+    dates: list[datetime] = []
+    for i, (cell, line) in enumerate(zip(cells, lines)):
+        cell = cell.strip()
+        try:
+            if parse is None:
+                raise ValueError
+            d = parse(cell)
+        except ValueError:
+            how = f"({_ACCEPTED})" if parse is None else f"(the file's first date is {used}; one format per file)"
+            raise ValueError(f"{path}: unparseable date {cell!r} in row {line}, column {column!r} {how}") from None
+        if i and (d.tzinfo is None) != (dates[0].tzinfo is None):
+            raise ValueError(f"{path}: date {cell!r} in row {line}, column {column!r} "
+                             f"{'has no' if d.tzinfo is None else 'has a'} timezone but the first date "
+                             f"{cells[0].strip()!r} {'has one' if d.tzinfo is None else 'does not'}: "
+                             "give every date a timezone offset or none")
+        dates.append(d)
+    return dates
 
 
 def parse_cell(cell: str) -> tuple[float, None] | tuple[None, str]:
@@ -111,11 +184,11 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
     rows, lines = read_rows(path)
     if not rows:
         raise ValueError(f"{path}: the file is empty (no header row)")
-    header = [h.strip() for h in rows[0]]
+    header = check_header(path, [h.strip() for h in rows[0]])
     if "date" not in header:
         raise ValueError(f"{path}: no 'date' column in the header {header}")
     date_idx = header.index("date")
-    chan_idx = [j for j, h in enumerate(header) if h != "date" and h not in IGNORED_COLUMNS]
+    chan_idx = [j for j, h in enumerate(header) if h not in ("date", "") and h not in IGNORED_COLUMNS]
     if not chan_idx:
         raise ValueError(f"{path}: zero channels (only 'date' and ignored columns in {header})")
     names = [header[j] for j in chan_idx]
@@ -123,17 +196,13 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
     body = rows[1:]
     if not body:
         raise ValueError(f"{path}: no data rows")
-    dates: list[datetime] = []
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path}: row {lines[i + 1]} has {len(row)} fields, the header has {len(header)}")
+    dates = parse_dates(path, [row[date_idx] for row in body], lines[1:])
     values = np.empty((len(body), len(chan_idx)), dtype=np.float64)
     for i, row in enumerate(body):
         line = lines[i + 1]
-        if len(row) != len(header):
-            raise ValueError(f"{path}: row {line} has {len(row)} fields, the header has {len(header)}")
-        cell = row[date_idx].strip()
-        try:
-            dates.append(datetime.fromisoformat(cell))
-        except ValueError:
-            raise ValueError(f"{path}: unparseable date {cell!r} in row {line}, column 'date'") from None
         for k, j in enumerate(chan_idx):
             v, problem = parse_cell(row[j])
             if problem is not None:
@@ -145,19 +214,25 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
         order = [k for k in range(len(names)) if k != t] + [t]
         names = [names[k] for k in order]
         values = values[:, order]
-    return TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(path))
+    return TimeSeriesTable(dates=dates, columns=names, values=values.astype(np.float32), name=str(path),
+                           lines=lines[1:])
 
 
 # ------------------------------------------------------------------------------ time features
 
-_FREQ_ALIASES = {"t": "t", "min": "t", "h": "h", "d": "d", "b": "d", "w": "w", "m": "m"}
+_FREQ_ALIASES = {"s": "s", "t": "t", "min": "t", "h": "h", "d": "d", "b": "d", "w": "w", "m": "m", "mon": "m"}
 
 
 def _norm_freq(freq: str) -> str:
-    key = freq.strip().lower()
-    if key not in _FREQ_ALIASES:
-        raise ValueError(f"unsupported freq {freq!r}; expected one of {sorted(_FREQ_ALIASES)}")
-    return _FREQ_ALIASES[key]
+    """The timeF letter of a TSLib/pandas freq string: an optional count and a unit (``"h"``, ``"3h"``,
+    ``"15min"``, ``"t"``, ``"s"``, ``"d"``, ``"b"``, ``"w"``, ``"m"``/``"mon"``), as
+    :func:`mmts_fast.text.prompts.freq_step` reads them."""
+    m = re.fullmatch(r"\s*(\d*)\s*([A-Za-z]+)\s*", str(freq))
+    unit = _FREQ_ALIASES.get(m.group(2).lower()) if m else None
+    if unit is None or (m.group(1) and int(m.group(1)) < 1):
+        raise ValueError(f"unsupported freq {freq!r}; expected a unit from {sorted(_FREQ_ALIASES)} with an "
+                         "optional count (e.g. h, 3h, 15min, d)")
+    return unit
 
 
 def time_features(dates: Sequence[datetime], freq: str = "h") -> np.ndarray:
@@ -166,6 +241,7 @@ def time_features(dates: Sequence[datetime], freq: str = "h") -> np.ndarray:
     ============  ========================================================  ===
     freq          features (in order)                                       F
     ============  ========================================================  ===
+    ``s``         second/59, then the ``t`` features                        6
     ``t``/``min`` minute/59, hour/23, weekday/6, (day-1)/30, (yearday-1)/365  5
     ``h``         hour/23, weekday/6, (day-1)/30, (yearday-1)/365           4
     ``d``/``b``   weekday/6, (day-1)/30, (yearday-1)/365                    3
@@ -186,12 +262,14 @@ def time_features(dates: Sequence[datetime], freq: str = "h") -> np.ndarray:
             cols.append([(d.month - 1) / 11.0])
             continue
         row = [d.weekday() / 6.0, day, (d.timetuple().tm_yday - 1) / 365.0]
-        if f in ("h", "t"):
+        if f in ("h", "t", "s"):
             row.insert(0, d.hour / 23.0)
-        if f == "t":
+        if f in ("t", "s"):
             row.insert(0, d.minute / 59.0)
+        if f == "s":
+            row.insert(0, d.second / 59.0)
         cols.append(row)
-    n_feat = {"t": 5, "h": 4, "d": 3, "w": 2, "m": 1}[f]
+    n_feat = {"s": 6, "t": 5, "h": 4, "d": 3, "w": 2, "m": 1}[f]
     out = np.asarray(cols, dtype=np.float64).reshape(len(cols), n_feat) - 0.5
     return out.astype(np.float32)
 
@@ -203,7 +281,12 @@ def median_spacing_s(dates: Sequence[datetime]) -> float:
         raise ValueError(f"cannot infer a frequency from {len(dates)} date(s); pass freq explicitly")
     secs = np.diff(np.array([(d - dates[0]).total_seconds() for d in dates], dtype=np.float64))
     step = float(np.median(secs))
-    if step <= 0:
+    if step == 0:
+        date, count = Counter(dates).most_common(1)[0]
+        raise ValueError(f"dates repeat: {date} appears {count} times (the most common date; median spacing 0 s); "
+                         "the times of day may be missing from the date column: give each row its full date "
+                         "and time, or pass freq explicitly")
+    if step < 0:
         raise ValueError(f"dates are not increasing (median spacing {step} s); pass freq explicitly")
     return step
 
@@ -239,7 +322,7 @@ def split_borders(n_rows: int, lookback: int, kind: str) -> list[tuple[int, int]
         if n_rows < tr + va + te:
             raise ValueError(
                 f"{kind} borders need at least {tr + va + te} rows, the file has {n_rows}; "
-                "use borders='custom' for other files"
+                "use borders='custom' for other files (--borders custom in the CLI)"
             )
         return [(0, tr), (tr - L, tr + va), (tr + va - L, tr + va + te)]
     if kind == "custom":
@@ -316,7 +399,7 @@ class ForecastDataset(Dataset):
             reason = (getattr(table, "dropped_reasons", None) or {}).get(target, "non-numeric cells")
             raise ValueError(f"{table.name}: target column {target!r} was dropped when loading: {reason}; "
                              f"load the table with target={target!r} to get the error for the bad cell")
-        elif features in ("S", "MS"):
+        elif features in ("S", "MS") or target != "OT":   # M: the default target OT may be absent
             raise ValueError(f"{table.name}: target column {target!r} not found in {columns}")
         if features == "S":
             columns, values = columns[-1:], values[:, -1:]
@@ -327,7 +410,10 @@ class ForecastDataset(Dataset):
         # borders
         n = len(table)
         kind = _borders_kind(file_name) if borders == "auto" else borders
-        ranges = split_borders(n, lookback, kind) if isinstance(kind, str) else [tuple(b) for b in kind]
+        try:
+            ranges = split_borders(n, lookback, kind) if isinstance(kind, str) else [tuple(b) for b in kind]
+        except ValueError as e:
+            raise ValueError(f"{table.name}: {e}") from None
         if len(ranges) != 3:
             raise ValueError(f"borders must give 3 (start, end) ranges, got {ranges}")
         start, end = ranges[SPLITS.index(split)]
@@ -359,9 +445,13 @@ class ForecastDataset(Dataset):
         scaled = ((rows - self.mean.astype(np.float64)) / self.std.astype(np.float64)).astype(np.float32)
         back = next((i for i in range(1, len(table.dates)) if table.dates[i] < table.dates[i - 1]), None)
         if back is not None:   # windows would run backwards in time (repeated dates are let through)
-            raise ValueError(f"{table.name}: dates must be in increasing order; row {back} ({table.dates[back]}) "
+            row = table.lines[back] if table.lines is not None else back   # the file's line number
+            raise ValueError(f"{table.name}: dates must be in increasing order; row {row} ({table.dates[back]}) "
                              f"comes after {table.dates[back - 1]}: sort the file by date")
-        self.freq = _norm_freq(freq) if freq is not None else infer_freq(table.dates)
+        try:
+            self.freq = _norm_freq(freq) if freq is not None else infer_freq(table.dates)
+        except ValueError as e:
+            raise ValueError(f"{table.name}: {e}") from None
         marks = time_features(table.dates[start:end], self.freq)
         self.n_time_features = marks.shape[1]
         self._x = torch.from_numpy(scaled)

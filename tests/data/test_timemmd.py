@@ -209,3 +209,24 @@ def test_texts_container_sorts():
             TextRecord(datetime(2020, 1, 1), datetime(2020, 1, 3), "a", "report")]
     t = TimeMMDTexts(recs)
     assert t.texts == ["a", "b"] and len(t) == 2 and t[1].source == "search"
+
+
+def test_non_iso_dates_header_checks_and_unknown_target(tmp_path, caplog):
+    """Time-MMD numerical files read dates as load_csv does (non-ISO formats, mixed timezones), refuse
+    duplicate column names, and an unknown target is an error with --features M too."""
+    d = write_domain(tmp_path)
+    csv_path = d / "Toy.csv"
+    lines = csv_path.read_text().splitlines()
+    iso = load_timemmd(d)[0].dates
+    body = [f"{datetime.fromisoformat(l.split(',')[0]).strftime('%m/%d/%Y')},{l.split(',', 1)[1]}" for l in lines[1:]]
+    csv_path.write_text("\n".join([lines[0]] + body) + "\n")
+    assert load_timemmd(d)[0].dates == iso
+    with pytest.raises(ValueError, match="target column 'nope' not found"):
+        TimeMMDDataset(d, "train", lookback=6, horizon=2, features="M", target="nope")
+    csv_path.write_text("\n".join([lines[0], lines[1].replace("2020-01-01,", "2020-01-01T00:00+01:00,", 1)]
+                                  + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"Toy\.csv: date '2020-01-02' in row 3, column 'date' has no timezone"):
+        load_timemmd(d)
+    csv_path.write_text("\n".join([lines[0].replace("label", "value")] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="column name 'value' appears 2 times"):
+        load_timemmd(d)

@@ -281,3 +281,106 @@ def test_dates_out_of_order_are_an_error():
     t = trend_table(n=200)
     t.dates[58] = t.dates[57]
     assert len(ForecastDataset(t, "train", lookback=24, horizon=8, borders="custom")) > 0
+
+
+# ------------------------------------------------------------------- date formats and headers
+
+
+def _rewrite_dates(path: Path, fmt) -> Path:
+    """``path`` with each date cell rewritten by ``fmt(datetime)``."""
+    lines = path.read_text().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        date, rest = line.split(",", 1)
+        out.append(f"{fmt(datetime.fromisoformat(date))},{rest}")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", [
+    lambda d: f"{d.year}/{d.month}/{d.day} {d.hour}:{d.minute:02d}",        # TSLib's exchange_rate.csv
+    lambda d: d.strftime("%Y/%m/%d %H:%M"),
+    lambda d: f"{d.month}/{d.day}/{d.year} {d.hour}:{d.minute:02d}",
+    lambda d: f"{d.year}-{d.month}-{d.day} {d.hour}:{d.minute:02d}",         # ISO-like, single-digit fields
+])
+def test_non_iso_date_formats(tmp_path, fmt):
+    want = load_csv(write_csv(tmp_path / "iso.csv", 30)).dates
+    got = load_csv(_rewrite_dates(write_csv(tmp_path / "x.csv", 30), fmt)).dates
+    assert got == want
+
+
+def test_date_errors_name_formats_and_mixed_timezones(tmp_path):
+    path = write_csv(tmp_path / "d.csv", 10, bad={(0, 0): "01.01.2021"})
+    with pytest.raises(ValueError, match=r"unparseable date '01.01.2021' in row 2, column 'date' \(accepted: ISO "
+                                         r"8601 .*%Y/%m/%d %H:%M"):
+        load_csv(path)
+    path = _rewrite_dates(write_csv(tmp_path / "m.csv", 10), lambda d: d.strftime("%Y/%m/%d %H:%M"))
+    lines = path.read_text().splitlines()
+    lines[5] = "2021-01-01 04:00:00," + lines[5].split(",", 1)[1]      # one ISO date in a %Y/%m/%d file
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"m\.csv: unparseable date '2021-01-01 04:00:00' in row 6.*one format"):
+        load_csv(path)
+    path = write_csv(tmp_path / "tz.csv", 10, bad={(3, 0): "2021-01-01 03:00:00+00:00"})
+    with pytest.raises(ValueError, match=r"tz\.csv: date '2021-01-01 03:00:00\+00:00' in row 5, column 'date' "
+                                         r"has a timezone but the first date"):
+        load_csv(path)
+
+
+def test_index_column_dropped_and_duplicate_names(tmp_path, caplog):
+    import logging
+    path = write_csv(tmp_path / "idx.csv", 10)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([","+ lines[0]] + [f"{i},{l}" for i, l in enumerate(lines[1:])]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mmts_fast.data.tslib"):
+        table = load_csv(path)
+    assert table.columns == ["a", "OT"]
+    assert any("idx.csv" in r.getMessage() and "empty header name" in r.getMessage() for r in caplog.records)
+    path = write_csv(tmp_path / "dup.csv", 10, header="date,OT,OT")
+    with pytest.raises(ValueError, match=r"dup\.csv: column name 'OT' appears 2 times"):
+        load_csv(path)
+
+
+def test_unknown_target_with_features_m(tmp_path):
+    path = write_csv(tmp_path / "x.csv", 100)
+    with pytest.raises(ValueError, match=r"x\.csv: target column 'nope' not found in \['a', 'OT'\]"):
+        ForecastDataset(path, "train", lookback=24, horizon=8, features="M", target="nope")
+    # the default target OT may be absent with M: the file's columns are used as they are
+    path = write_csv(tmp_path / "no_ot.csv", 100, header="date,a,b")
+    assert ForecastDataset(path, "train", lookback=24, horizon=8, features="M").columns == ["a", "b"]
+
+
+def test_sort_error_names_the_file_line(tmp_path):
+    path = write_csv(tmp_path / "s.csv", 100)
+    lines = path.read_text().splitlines()
+    lines[10], lines[11] = lines[11], lines[10]        # data rows 10/11: file lines 11 and 12
+    path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n")   # a blank line: they are lines 12, 13
+    with pytest.raises(ValueError, match=r"s\.csv: dates must be in increasing order; row 13 "):
+        ForecastDataset(path, "train", lookback=24, horizon=8)
+
+
+def test_not_utf8_file(tmp_path):
+    import gzip
+    path = tmp_path / "x.csv.gz"
+    path.write_bytes(gzip.compress(write_csv(tmp_path / "x.csv", 10).read_bytes()))
+    with pytest.raises(ValueError, match=r"x\.csv\.gz: not a UTF-8 CSV text file"):
+        load_csv(path)
+
+
+def test_repeated_dates_message(tmp_path):
+    path = write_csv(tmp_path / "days.csv", 100)
+    _rewrite_dates(path, lambda d: d.date().isoformat())      # hourly rows, dates without their times
+    with pytest.raises(ValueError, match=r"days\.csv: dates repeat: 2021-01-01 00:00:00 appears 24 times .*times "
+                                         r"of day may be missing"):
+        ForecastDataset(path, "train", lookback=12, horizon=4)
+
+
+def test_freq_strings_with_counts():
+    t = trend_table(n=200)
+    for freq, n_feat in (("15min", 5), ("3h", 4), ("h", 4), ("s", 6), ("2d", 3), ("mon", 1)):
+        ds = ForecastDataset(t, "train", lookback=24, horizon=8, borders="custom", freq=freq)
+        assert ds.n_time_features == n_feat, freq
+    d = datetime(2020, 1, 1, 5, 6, 7)
+    np.testing.assert_allclose(time_features([d], "s")[0],
+                               np.array([7 / 59, 6 / 59, 5 / 23, 2 / 6, 0, 0]) - 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="unsupported freq '0h'"):
+        ForecastDataset(t, "train", lookback=24, horizon=8, borders="custom", freq="0h")
