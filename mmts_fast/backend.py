@@ -1,7 +1,7 @@
 """One backend switch for every op in the package.
 
 ``auto`` (the default) runs the Triton kernels on CUDA tensors and the eager PyTorch reference
-everywhere else. Force either with the environment variable ``MMTS_FAST_BACKEND=triton|torch|auto``
+everywhere else, and for fp64 (the kernels compute in fp32). Force either with the environment variable ``MMTS_FAST_BACKEND=triton|torch|auto``
 or, for a block of code, with the context manager::
 
     with mmts_fast.use_backend("triton"):   # e.g. on CPU tensors under TRITON_INTERPRET=1
@@ -16,6 +16,8 @@ import functools
 import importlib.util
 import os
 import threading
+
+import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MMTS_FAST_BACKEND"
@@ -74,8 +76,9 @@ def resolve(*tensors) -> str:
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if name == "torch":
         return "torch"
-    if name == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+    if name == "auto":   # fp64 stays on the reference: the kernels compute in fp32 (forced triton refuses it)
+        fp64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+        return "triton" if on_cuda and not fp64 and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("backend 'triton' was forced but the triton package is not installed")
     if not on_cuda and not interpreter_enabled():
