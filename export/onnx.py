@@ -75,6 +75,14 @@ def _reference_mode(model: nn.Module):
                     module._buffers[attr] = original
 
 
+def _graph_form(model: nn.Module, extra_inputs: Optional[Mapping[str, Tensor]]) -> dict:
+    """The extra inputs as the graph takes them: ``model.export_inputs(extra)`` where the model has it
+    (LeMoLE's ``dynamic_table`` + ``dynamic_index`` -> ``dynamic_emb``); inputs already in that form pass."""
+    extra = dict(extra_inputs or {})
+    convert = getattr(model, "export_inputs", None)
+    return dict(convert(extra)) if extra and callable(convert) else extra
+
+
 def _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs):
     cfg = getattr(model, "config", None)
 
@@ -135,10 +143,15 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
             ``model.config.lookback`` / ``.channels`` / ``.n_time_features``.
         batch_size: batch of the example inputs (>= 2; the batch axis is dynamic in the graph).
         opset: ONNX opset of the default domain.
-        extra_inputs: name -> example tensor (batch first) for extra keyword inputs of ``forward``;
-            they become graph inputs after ``x_enc``, ``x_mark_enc``, in this order, with a
-            dynamic batch axis, and the further dynamic axes the model names in
-            ``export_dynamic_axes`` (MoME: the text length of ``text_hidden`` and ``text_mask``).
+        extra_inputs: name -> example tensor for extra keyword inputs of ``forward``, first put in the
+            graph's batch-first form by ``model.export_inputs`` (LeMoLE's ``dynamic_table`` +
+            ``dynamic_index`` become ``dynamic_emb``); they become graph inputs after ``x_enc``,
+            ``x_mark_enc``, in this order, with a dynamic batch axis, and the further dynamic axes the
+            model names in ``export_dynamic_axes`` (MoME: the text length of ``text_hidden`` and ``text_mask``).
+
+    The model runs once eagerly on the example inputs first, so that its own input errors are raised
+    before any exporter runs; the file written is checked with :func:`check_graph` (a ValueError, and
+    no file, if it breaks the contract).
 
     Returns:
         The path written. Which exporter was used (``dynamo``, else the TorchScript fallback) is
@@ -146,26 +159,31 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args, extras = _example_inputs(model, lookback, channels, n_time_features, batch_size, extra_inputs)
+    args, extras = _example_inputs(model, lookback, channels, n_time_features, batch_size,
+                                   _graph_form(model, extra_inputs))
     args = (*args, *extras.values())
     names = (*INPUT_NAMES, *extras)
     extra_axes = {n: a for n, a in getattr(model, "export_dynamic_axes", {}).items() if n in extras}
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     external_data = n_bytes > _EMBED_LIMIT
+    with _reference_mode(model):
+        wrapper = _Positional(model, tuple(extras)).eval()
+        wrapper(*args)   # the model's own input errors (missing or misshapen inputs) now, before any exporter
     # Export into a private folder next to the target, under the final file name (so that an
     # external data file, if any, is referenced by its final name), then move the files over.
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         out_file = tmp_dir / path.name
         with _reference_mode(model):
-            wrapper = _Positional(model, tuple(extras)).eval()
             start = time.perf_counter()
             try:
                 _export(wrapper, args, names, out_file, opset, True, external_data, extra_axes)
                 exporter = "dynamo"
             except Exception as err:   # noqa: BLE001 - any dynamo failure: try the other exporter
+                first = (str(err).strip().splitlines() or [""])[0][:300]
                 logger.warning("dynamo ONNX export of %s failed (%s: %s); falling back to the "
-                               "TorchScript exporter", type(model).__name__, type(err).__name__, err)
+                               "TorchScript exporter", type(model).__name__, type(err).__name__, first)
+                logger.debug("the dynamo exporter's error in full", exc_info=err)
                 for leftover in tmp_dir.iterdir():
                     leftover.unlink()
                 _export(wrapper, args, names, out_file, opset, False, external_data, extra_axes)
@@ -173,6 +191,11 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
             seconds = time.perf_counter() - start
         if not out_file.is_file():
             raise RuntimeError(f"export_onnx: the {exporter} exporter wrote no file")
+        try:   # the file must keep the package's contract whichever exporter wrote it
+            check_graph(out_file)
+        except ValueError as e:
+            raise ValueError(f"export_onnx: the {exporter} exporter wrote a graph that breaks the contract "
+                             f"({str(e).replace(str(out_file), path.name)}); nothing was written to {path}") from e
         # The .onnx file goes last: it is the commit point, its data files are in place before it.
         for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):
             os.replace(f, path.parent / f.name)
@@ -229,7 +252,31 @@ def check_graph(path) -> "onnx.ModelProto":  # noqa: F821
     return proto
 
 
-def verify_onnx(model: nn.Module, path, x_enc: Tensor, x_mark_enc: Tensor, *, atol: float = 1e-4,
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
+              "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+
+
+def _ort_feed(name: str, t: Optional[Tensor], arg, x_enc: Tensor, model: nn.Module) -> Tensor:
+    """What PyTorch accepts, as ONNX Runtime needs it for graph input ``arg`` (a session NodeArg)."""
+    B, L = x_enc.shape[:2]
+    if t is None:   # x_mark_enc=None for a model that does not read it: zeros of the graph's width
+        width = arg.shape[2] if len(arg.shape) == 3 else None
+        width = width if isinstance(width, int) else getattr(getattr(model, "config", None), "n_time_features", None)
+        if not isinstance(width, int):
+            raise ValueError(f"verify_onnx: the graph takes {name} [B, L, F] but x_mark_enc is None and the "
+                             f"width F is unknown; pass x_mark_enc")
+        return torch.zeros(B, L, width)
+    want = _ORT_TYPES.get(arg.type)
+    if want is not None and t.dtype != want and not t.is_floating_point() and not want.is_floating_point:
+        t = t.to(want)                                   # int 0/1 mask -> bool, int32 ids -> int64
+    if name not in INPUT_NAMES and 0 < t.dim() + 1 == len(arg.shape):
+        t = t[None]                                      # an unbatched input the model broadcasts: [d] -> [1, d]
+    if name not in INPUT_NAMES and t.dim() == len(arg.shape) and t.shape[0] == 1 and B != 1:
+        t = t.expand(B, *t.shape[1:])                    # batch 1 the model broadcasts -> the batch
+    return t.contiguous()
+
+
+def verify_onnx(model: nn.Module, path, x_enc: Tensor, x_mark_enc: Optional[Tensor], *, atol: float = 1e-4,
                 providers: Optional[Sequence] = None, extra_inputs: Optional[Mapping[str, Tensor]] = None
                 ) -> float:
     """Run the exported file in ONNX Runtime on one batch and compare with the PyTorch model.
@@ -238,29 +285,38 @@ def verify_onnx(model: nn.Module, path, x_enc: Tensor, x_mark_enc: Tensor, *, at
     ONNX Runtime uses the CUDA provider (TF32 off) when the inputs are on CUDA and it is available,
     else the CPU provider; ``providers`` overrides that choice.
 
+    The inputs are those the PyTorch model takes; ONNX Runtime gets them in the graph's form:
+    ``extra_inputs`` through ``model.export_inputs`` (LeMoLE's table form), ``x_mark_enc=None`` (a
+    model that does not need it) as zeros ``[B, L, F]``, integer masks as bool, int32 ids as int64,
+    and an extra input the model broadcasts over the batch (LeMoLE ``static_emb`` ``[d]`` or ``[1, d]``)
+    expanded to ``[B, ...]``.
+
     Returns the max absolute error. Raises ``ValueError`` if the graph breaks the contract
     (see :func:`check_graph`) or the output shape is wrong, ``AssertionError`` if the error > ``atol``.
     """
     import onnxruntime as ort
 
     check_graph(path)
-    extra_inputs = dict(extra_inputs or {})
+    extra_inputs = _graph_form(model, extra_inputs)
     if providers is None:
         on_cuda = x_enc.is_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = ([("CUDAExecutionProvider", {"use_tf32": 0})] if on_cuda else []) + ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), providers=list(providers))
 
-    def host(t: Tensor) -> Tensor:
+    def host(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
         t = t.detach().cpu()
         return t.float() if t.is_floating_point() else t
 
     feeds = {"x_enc": host(x_enc), "x_mark_enc": host(x_mark_enc), **{k: host(v) for k, v in extra_inputs.items()}}
-    expected = {i.name for i in session.get_inputs()}
-    if set(feeds) != expected:
-        raise ValueError(f"{path}: the graph takes inputs {sorted(expected)}, got {sorted(feeds)}")
+    graph_inputs = {i.name: i for i in session.get_inputs()}
+    if set(feeds) != set(graph_inputs):
+        raise ValueError(f"{path}: the graph takes inputs {sorted(graph_inputs)}, got {sorted(feeds)}")
     with _reference_mode(model):
         ref = model(feeds["x_enc"], feeds["x_mark_enc"], **{k: feeds[k] for k in extra_inputs})
-    (out,) = session.run([OUTPUT_NAME], {k: v.numpy() for k, v in feeds.items()})
+    ort_feeds = {k: _ort_feed(k, v, graph_inputs[k], feeds["x_enc"], model).numpy() for k, v in feeds.items()}
+    (out,) = session.run([OUTPUT_NAME], ort_feeds)
     out = torch.from_numpy(out)
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"{path}: ONNX output {OUTPUT_NAME!r} has shape {tuple(out.shape)}, "

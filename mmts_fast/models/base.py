@@ -20,31 +20,58 @@ WEIGHTS_NAME = "model.safetensors"
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _atomic_write_all([(path, write)])
+
+
+def _atomic_write_all(files) -> None:
+    """``[(path, write)]``: every file is written to a temporary file in its folder first; only when all of
+    them are complete are they renamed into place, in order (a failure leaves every target as it was)."""
+    tmps = []
     try:
-        write(tmp)
-        plain_file_mode(tmp)   # readable by others as the umask allows, like any saved file
-        os.replace(tmp, path)
+        for path, write in files:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+            write(tmp)
+            plain_file_mode(tmp)   # readable by others as the umask allows, like any saved file
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
 def _is_int(v) -> bool:
     try:
         return not isinstance(v, bool) and int(v) == v
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 
 def require_positive(config, *names: str) -> None:
-    """Config validation shared by every model: each named field must be an integer >= 1."""
+    """Config validation shared by every model: each named field must be an integer >= 1; it is stored
+    back as a Python ``int`` (a numpy integer or ``5.0`` would break JSON or tensor shapes later)."""
     for name in names:
         v = getattr(config, name)
         if not _is_int(v) or v < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be an integer >= 1, got {v!r}")
+        setattr(config, name, int(v))
+
+
+def require_fraction(config, *names: str) -> None:
+    """Config validation of dropout probabilities: each named field must be a number in [0, 1); it is
+    stored back as a Python ``float``."""
+    for name in names:
+        v = getattr(config, name)
+        try:
+            ok = not isinstance(v, (bool, str)) and 0.0 <= float(v) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{type(config).__name__}.{name} must be a number in [0, 1), got {v!r}")
+        setattr(config, name, float(v))
 
 
 def check_windows(windows, n_experts: int, lookback: int) -> list[int]:
@@ -75,6 +102,67 @@ def load_weights(model: nn.Module, directory: Path, map_location="cpu") -> None:
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit the {type(model).__name__} that {CONFIG_NAME} describes: "
                          f"{' '.join(str(e).split())[:400]}") from e
+
+
+def config_json(model) -> str:
+    """``config.json``'s text for ``model`` (``model_type`` + the config's fields); a field JSON cannot hold
+    is a ValueError naming it (raised before anything is written)."""
+    cfg = {"model_type": model.model_type, **dataclasses.asdict(model.config)}
+    try:
+        return json.dumps(cfg, indent=2)
+    except (TypeError, ValueError) as e:
+        bad = []
+        for k, v in cfg.items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                bad.append(k)
+        raise ValueError(f"{type(model).__name__}.save_pretrained: config field(s) {bad} cannot be written to "
+                         f"{CONFIG_NAME} ({e}); nothing was written") from e
+
+
+def write_checkpoint(directory, state: dict, config_text: str) -> None:
+    """``model.safetensors`` (``state``) and ``config.json`` into ``directory``: both files are complete on
+    disk before either replaces an old one (the config last)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write_all([(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"})),
+                       (directory / CONFIG_NAME, lambda p: Path(p).write_text(config_text))])
+
+
+def read_config(directory) -> tuple[str, dict, Path]:
+    """``(model_type, the other fields, path)`` of ``directory/config.json``; a file that is not a saved
+    model's config (bad JSON, no ``model_type``) is a ValueError naming it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved mmts_fast model")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    kind = cfg.pop("model_type", None)
+    if not isinstance(kind, str):
+        raise ValueError(f"{path} has no 'model_type' key (a string such as \"rlinear_mole\"), "
+                         f"got {kind!r}: not a saved mmts_fast model's config")
+    return kind, cfg, path
+
+
+def build_config(config_class: type, cfg: dict, path):
+    """``config_class(**cfg)`` for ``cfg`` read from ``path``: unknown keys and invalid values are a
+    ValueError naming the file."""
+    known = [f.name for f in dataclasses.fields(config_class) if f.init]
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown} for {config_class.__name__} "
+                         f"(its keys: {', '.join(known)})")
+    try:
+        return config_class(**cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 class ForecastModel(nn.Module):
@@ -120,15 +208,11 @@ class ForecastModel(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Writes ``config.json`` and ``model.safetensors`` into ``directory`` (both complete before either
+        replaces an old file; a config JSON cannot hold is a ValueError before anything is written)."""
+        text = config_json(self)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        cfg = {"model_type": self.model_type, **dataclasses.asdict(self.config)}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        write_checkpoint(directory, state, text)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> "ForecastModel":
@@ -137,13 +221,14 @@ class ForecastModel(nn.Module):
         from mmts_fast.models import get_model_class
 
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved mmts_fast model")
-        cfg = json.loads((directory / CONFIG_NAME).read_text())
-        klass = get_model_class(cfg.pop("model_type"))
+        kind, cfg, path = read_config(directory)
+        try:
+            klass = get_model_class(kind)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
         if cls is not ForecastModel and not issubclass(klass, cls):
             raise ValueError(f"{directory} holds a {klass.__name__}, not a {cls.__name__}")
-        model = klass(klass.config_class(**cfg))
+        model = klass(build_config(klass.config_class, cfg, path))
         load_weights(model, directory, map_location)
         return model.eval()   # as in Hugging Face: loaded for inference; call .train() to fine-tune
 

@@ -24,7 +24,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, check_windows, require_positive
+from mmts_fast.models.base import ForecastModel, check_windows, require_fraction, require_positive
 from mmts_fast.nn import MultiExpertHeads, RevIN
 
 PUBLIC_WINDOWS_512 = (512, 336, 192, 96, 96)
@@ -55,7 +55,8 @@ class LeMoLEConfig:
     n_time_features: int = 4                 # accepted for TSLib compatibility; LeMoLE does not route on it
 
     def __post_init__(self):
-        require_positive(self, "lookback", "horizon", "channels", "n_experts", "d_llm")
+        require_positive(self, "lookback", "horizon", "channels", "n_experts", "d_llm", "n_time_features")
+        require_fraction(self, "dropout")
         if self.output_form not in ("paper", "code"):
             raise ValueError(f"output_form must be 'paper' or 'code', got {self.output_form!r}")
         if self.windows is None:

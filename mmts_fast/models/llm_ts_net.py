@@ -48,8 +48,6 @@ pooling of no key (K3 gives zeros: a constant ``H_text``, never NaN). Two ways i
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmts_fast.models.base import CONFIG_NAME, WEIGHTS_NAME, ForecastModel, _atomic_write, load_weights, require_positive
+from mmts_fast.models.base import (ForecastModel, build_config, config_json, load_weights, read_config, require_fraction,
+                                   require_positive, write_checkpoint)
 from mmts_fast.nn import GQAttention, RevIN
 
 __all__ = ["LLMTSNetConfig", "LLMTSNet", "PromptPool"]
@@ -117,11 +116,15 @@ class LLMTSNetConfig:
             raise ValueError(f"pool_selection must be 'straight_through' or 'weighted', got {self.pool_selection!r}")
         if self.text_lm is not None and self.lora_rank < 2:
             raise ValueError(f"LoRA-AMR needs lora_rank >= 2 (r' = r // 2), got {self.lora_rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_fraction(self, "dropout")
         self.lora_targets = tuple(self.lora_targets)
         if self.text_lm is not None:
             self.text_lm = str(self.text_lm)
+
+
+def _tracing() -> bool:
+    """Compiling or exporting: data-dependent checks cannot run."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PromptPool(nn.Module):
@@ -245,9 +248,15 @@ class LLMTSNet(ForecastModel):
                 raise ValueError(f"LLMTSNet (text_lm={cfg.text_lm!r}) needs text_ids [B={batch}, T], got "
                                  f"{None if text_ids is None else tuple(text_ids.shape)}"
                                  + ("; text_hidden is for text_lm=None" if text_hidden is not None else ""))
+            if text_ids.is_floating_point() or text_ids.dtype == torch.bool:
+                raise ValueError(f"LLMTSNet: text_ids must be integer token ids, got {text_ids.dtype}")
+            vocab = self.text_lm.get_input_embeddings().num_embeddings
+            if not _tracing() and text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= vocab):
+                raise ValueError(f"LLMTSNet: text_ids hold ids {int(text_ids.min())}..{int(text_ids.max())}, outside "
+                                 f"the vocabulary of text_lm={cfg.text_lm!r} ([0, {vocab})): use its tokenizer")
             T = text_ids.shape[1]
             mask = torch.ones(batch, T, dtype=torch.bool, device=text_ids.device) if text_mask is None \
-                else text_mask.bool()
+                else self._check_mask(text_mask, batch, T, "text_ids")
             # the LM itself never sees a row without any token (pooling still uses the true mask)
             lm_mask = mask.clone()
             lm_mask[:, 0] |= ~mask.any(1)
@@ -260,8 +269,16 @@ class LLMTSNet(ForecastModel):
                              f"use_text=False" + ("; text_ids need config.text_lm" if text_ids is not None else ""))
         T = text_hidden.shape[1]
         mask = torch.ones(batch, T, dtype=torch.bool, device=text_hidden.device) if text_mask is None \
-            else text_mask.bool()
+            else self._check_mask(text_mask, batch, T, "text_hidden")
         return text_hidden, mask
+
+    @staticmethod
+    def _check_mask(text_mask: Tensor, batch: int, T: int, like: str) -> Tensor:
+        """``text_mask`` as bool, after checking it is ``[B, T]`` like the text input it masks."""
+        if tuple(text_mask.shape) != (batch, T):
+            raise ValueError(f"LLMTSNet: text_mask must be [B, T]=({batch}, {T}) like {like}, "
+                             f"got {tuple(text_mask.shape)}")
+        return text_mask.bool()
 
     def pool_text(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Attention pooling ``[B, T, d_llm]`` -> ``H_text [B, n_text_tokens, d]``."""
@@ -308,15 +325,10 @@ class LLMTSNet(ForecastModel):
     def save_pretrained(self, directory) -> None:
         """As :meth:`ForecastModel.save_pretrained`, minus the frozen base LM weights (``text_lm.*`` other
         than the LoRA-AMR C, D, B): those come back from ``config.text_lm`` on load."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        text = config_json(self)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not self._is_frozen_lm_key(k)}
-        cfg = {"model_type": self.model_type, **dataclasses.asdict(self.config)}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        write_checkpoint(directory, state, text)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``strict`` tolerates missing frozen base LM weights (the LM was loaded from its source) and
@@ -335,12 +347,9 @@ class LLMTSNet(ForecastModel):
         """Loads a model saved by :meth:`save_pretrained` (the LM path reloads the frozen LM from
         ``config.text_lm``), in eval mode."""
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved mmts_fast model")
-        cfg = json.loads((directory / CONFIG_NAME).read_text())
-        kind = cfg.pop("model_type", None)
+        kind, cfg, path = read_config(directory)
         if kind != cls.model_type:
             raise ValueError(f"{directory} holds a {kind!r} model, not {cls.model_type!r}")
-        model = cls(cls.config_class(**cfg))
+        model = cls(build_config(cls.config_class, cfg, path))
         load_weights(model, directory, map_location)
         return model.eval()

@@ -13,6 +13,7 @@ input the backbone's heads read; the frozen one-step heads are broadcast to H st
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from mmts_fast import ops
-from mmts_fast.models.base import ForecastModel
+from mmts_fast.models.base import ForecastModel, require_positive
 
 BACKBONES = {"dlinear": "dlinear_mole", "rlinear": "rlinear_mole", "rmlp": "rmlp_mole"}
 
@@ -36,17 +37,31 @@ class MoLAConfig:
     alpha: float = 16.0      # LoRA scale = alpha / rank
 
     def __post_init__(self):
-        if self.horizon < 1 or self.segments < 1 or self.n_lora < 1 or self.rank < 1:
-            raise ValueError(f"invalid MoLA settings: {self}")
+        require_positive(self, "horizon", "segments", "n_lora", "rank")
+        try:
+            ok = not isinstance(self.alpha, (bool, str)) and math.isfinite(float(self.alpha))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"MoLAConfig.alpha must be a finite number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
         if self.segments > self.horizon:
             raise ValueError(f"segments={self.segments} is more than the horizon {self.horizon}")
-        kind = self.backbone.get("model_type")
+        kind = self.backbone.get("model_type") if isinstance(self.backbone, dict) else None
         if kind not in BACKBONES.values():
             raise ValueError(f"MoLA's backbone must be one of the MoLE family {sorted(BACKBONES.values())} "
                              f"(config dict with 'model_type'), got {kind!r}; build MoLA with "
                              f"MoLA.from_backbone(trained_one_step_model, horizon=...)")
         if self.backbone.get("horizon", 1) != 1:
             raise ValueError("MoLA's backbone must be a one-step model (horizon=1, stage 1)")
+        # the backbone's full config: fields left out take their defaults, so none is ever missing
+        from mmts_fast.models import get_model_class
+        from mmts_fast.models.base import build_config
+
+        fields = {k: v for k, v in self.backbone.items() if k != "model_type"}
+        fields.setdefault("horizon", 1)
+        cfg = build_config(get_model_class(kind).config_class, fields, "MoLAConfig.backbone")
+        self.backbone = {"model_type": kind, **dataclasses.asdict(cfg)}
 
     # the ForecastModel input checks read these
     @property

@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, check_windows, require_positive
+from mmts_fast.models.base import ForecastModel, check_windows, require_fraction, require_positive
 from mmts_fast.nn import MoLERouter, MultiExpertHeads, RevIN, SeriesDecomp
 
 
@@ -39,15 +39,23 @@ class MoLEConfig:
 
     def __post_init__(self):
         require_positive(self, "lookback", "horizon", "channels", "n_experts", "n_time_features")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        require_fraction(self, "head_dropout")
         if self.windows is not None:
             self.windows = check_windows(self.windows, self.n_experts, self.lookback)
 
 
 @dataclass
 class DLinearMoLEConfig(MoLEConfig):
-    moving_avg: int = 25
+    moving_avg: int = 25               # odd moving-average kernel of the decomposition
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive(self, "moving_avg")
+        if self.moving_avg % 2 == 0:
+            raise ValueError(f"DLinearMoLEConfig.moving_avg must be an odd integer >= 1 (a centred moving "
+                             f"average), got {self.moving_avg}")
+        if self.windows is not None:
+            raise ValueError("DLinearMoLEConfig: DLinearMoLE does not take expert windows (windows=None)")
 
 
 @dataclass
@@ -55,10 +63,18 @@ class RLinearMoLEConfig(MoLEConfig):
     dropout: float = 0.1
     revin_affine: bool = True
 
+    def __post_init__(self):
+        super().__post_init__()
+        require_fraction(self, "dropout")
+
 
 @dataclass
 class RMLPMoLEConfig(RLinearMoLEConfig):
     mlp_hidden: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive(self, "mlp_hidden")
 
 
 class _MoLEBase(ForecastModel):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, require_positive
+from mmts_fast.models.base import ForecastModel, require_fraction, require_positive
 from mmts_fast.nn import RevIN
 from mmts_fast.nn.routed import routed_swiglu
 
@@ -51,7 +51,8 @@ class MoMEConfig:
 
     def __post_init__(self):
         require_positive(self, "lookback", "horizon", "channels", "patch_len", "d_model", "n_experts",
-                         "top_k", "n_layers", "n_instr", "d_llm")
+                         "top_k", "n_layers", "n_instr", "d_llm", "n_time_features")
+        require_fraction(self, "dropout")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} is larger than n_experts={self.n_experts}")
 

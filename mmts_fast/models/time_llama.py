@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from mmts_fast.models.base import ForecastModel, require_positive
+from mmts_fast.models.base import ForecastModel, require_fraction, require_positive
 from mmts_fast.nn import RevIN
 from mmts_fast.nn.attention import GQAttention
 
@@ -86,16 +86,33 @@ class TimeLlaMAConfig:
 
     def __post_init__(self):
         require_positive(self, "lookback", "horizon", "channels", "n_llm_layers", "n_heads",
-                         "max_prompt_tokens", "lora_rank", "top_n")
+                         "max_prompt_tokens", "lora_rank", "top_n", "n_time_features")
+        for name in ("d_model", "n_kv_heads"):
+            if getattr(self, name) is not None:
+                require_positive(self, name)
+        require_fraction(self, "dropout", "lora_dropout")
         if self.llm_dtype not in _DTYPES:
             raise ValueError(f"llm_dtype must be one of {sorted(_DTYPES)}, got {self.llm_dtype!r}")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
         self.lora_targets = [str(t) for t in self.lora_targets]
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one projection")
+        from mmts_fast.nn.lora import DLORA_TARGETS
+
+        unknown = [t for t in self.lora_targets if t not in DLORA_TARGETS and t not in DLORA_TARGETS.values()]
+        if unknown:
+            raise ValueError(f"TimeLlaMAConfig.lora_targets: unknown projection(s) {unknown}; use the short names "
+                             f"{list(DLORA_TARGETS)} (or their paths {list(DLORA_TARGETS.values())})")
+        paths = [DLORA_TARGETS.get(t, t) for t in self.lora_targets]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"TimeLlaMAConfig.lora_targets names a projection twice: {self.lora_targets}")
         if self.top_n > len(self.lora_targets):
             raise ValueError(f"top_n={self.top_n} is larger than the {len(self.lora_targets)} D-LoRA targets")
-        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.d_model is not None:
+            check_heads(self, self.d_model)
         if self.prompt_token_ids is not None:
             self.prompt_token_ids = [int(i) for i in self.prompt_token_ids]
             if not self.prompt_token_ids:
@@ -106,6 +123,37 @@ class TimeLlaMAConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.llm_dtype]
+
+
+def check_heads(config: "TimeLlaMAConfig", d: int, source: str = "d_model") -> None:
+    """The cross-attention splits the LLM width ``d`` (``source`` says where it comes from) into ``n_heads``
+    heads of ``d / n_heads``, at most gqa_attention's limit: a ValueError naming the ``n_heads`` that fit."""
+    from mmts_fast.kernels.gqa_attention import MAX_HEAD_DIM
+
+    n, kv = config.n_heads, config.n_kv_heads or 1
+    if d % n == 0 and d // n <= MAX_HEAD_DIM:
+        return
+    fits = [h for h in range(1, d + 1) if d % h == 0 and d // h <= MAX_HEAD_DIM and h % kv == 0][:6]
+    why = (f"the width {d} ({source}) is not divisible by n_heads={n}" if d % n else
+           f"n_heads={n} makes cross-attention heads {d} / {n} = {d // n} wide ({d}: {source}), more than "
+           f"gqa_attention supports ({MAX_HEAD_DIM})")
+    kv_note = f" (multiples of n_kv_heads={config.n_kv_heads})" if config.n_kv_heads else ""
+    raise ValueError(f"TimeLlaMAConfig: {why}; set n_heads to one of {fits}{kv_note}")
+
+
+def _config_width(backbone: str) -> Optional[int]:
+    """The hidden size of a Hugging Face model folder from its ``config.json`` (no weights read), else None."""
+    import json
+    from pathlib import Path
+
+    from mmts_fast.text.encoders import BUNDLED
+
+    if str(backbone) in BUNDLED:          # a bundled name, not a folder (SmolLM2 is a GGUF file)
+        return None
+    try:
+        return int(json.loads((Path(backbone) / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def tokenize_prompt(backbone: str, text: str, max_tokens: int) -> list[int]:
@@ -153,11 +201,15 @@ class TimeLlaMA(ForecastModel):
         from mmts_fast.nn.lora import apply_dlora
 
         L, H, C = config.lookback, config.horizon, config.channels
+        width = _config_width(config.backbone)      # a model folder's width, known before loading it
+        if width is not None and config.d_model is None:
+            check_heads(config, width, "the backbone's hidden size")
         backbone, info = load_backbone(config.backbone, n_layers=config.n_llm_layers, dtype=config.torch_dtype,
                                        load_in_4bit=config.load_in_4bit)
         d = int(info["hidden_size"])
         if config.d_model is not None and int(config.d_model) != d:
             raise ValueError(f"d_model={config.d_model} but the backbone {config.backbone!r} has hidden size {d}")
+        check_heads(config, d, "the backbone's hidden size")
         config.d_model = d
         if config.prompt_token_ids is None:
             config.prompt_token_ids = tokenize_prompt(config.backbone, config.prompt, config.max_prompt_tokens)
@@ -197,6 +249,11 @@ class TimeLlaMA(ForecastModel):
 
     def forward(self, x_enc, x_mark_enc=None, x_dec=None, x_mark_dec=None, mask=None):
         self.check_inputs(x_enc, x_mark_enc)
+        dtype = self.variate_mlp[0].weight.dtype
+        if x_enc.dtype != dtype:   # llm_dtype sets the backbone's dtype only, not that of the layers x_enc meets
+            raise ValueError(f"TimeLlaMA: x_enc must be {dtype} (the dtype of the model's time-series input layers, "
+                             f"variate_mlp; llm_dtype={self.config.llm_dtype!r} applies to the LLM backbone only), "
+                             f"got {x_enc.dtype}; pass x_enc.to({dtype})")
         exporting = torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         if exporting and self.is_nf4:
             raise RuntimeError("TimeLlaMA: export needs dense backbone weights; call model.export_dense() first "

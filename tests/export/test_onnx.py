@@ -212,3 +212,83 @@ def test_gate_scaled_form_exports(tmp_path, windows):
     g = torch.Generator().manual_seed(2)
     x, xm = torch.randn(5, 24, C, generator=g), torch.rand(5, 24, F, generator=g) - 0.5
     assert verify_onnx(model, path, x, xm) <= ATOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra inputs in the model's training form, input errors, inputs PyTorch takes but ORT does not
+# ---------------------------------------------------------------------------------------------
+def _lemole(d=8):
+    from mmts_fast.models import LeMoLE, LeMoLEConfig
+
+    torch.manual_seed(0)
+    return LeMoLE(LeMoLEConfig(lookback=12, horizon=3, channels=2, n_experts=2, d_llm=d)).eval()
+
+
+def _table_inputs(b, d=8, seed=0):
+    """LeMoLE's table form: a table of T = 12 + b + 2 rows (not the batch) and each window's rows."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(12 + b + 2, d, generator=g)
+    index = torch.stack([torch.arange(12) + i for i in range(b)])
+    return torch.randn(b, 12, 2, generator=g), dict(static_emb=torch.randn(b, d, generator=g),
+                                                   dynamic_table=table, dynamic_index=index)
+
+
+def test_lemole_table_form_exports_through_export_inputs(tmp_path):
+    """export_onnx / verify_onnx apply model.export_inputs themselves: the table form (T != B rows) was
+    refused, or (T == B) went to the TorchScript exporter and gave a file without x_mark_enc."""
+    model = _lemole()
+    _, extra = _table_inputs(2)
+    path = tmp_path / "lemole.onnx"
+    log = export_with_log(model, path, extra_inputs=extra)
+    assert "with the dynamo exporter" in log and "falling back" not in log, log
+    assert [i.name for i in check_graph(path).graph.input] == ["x_enc", "x_mark_enc", "static_emb", "dynamic_emb"]
+    x, extra = _table_inputs(3, seed=1)
+    xm = torch.rand(3, 12, F) - 0.5
+    assert verify_onnx(model, path, x, xm, extra_inputs=extra) <= ATOL
+    # what LeMoLE takes and ORT would not: int32 rows, a static embedding shared by the batch ([d] or [1, d])
+    for static in (extra["static_emb"][0], extra["static_emb"][:1]):
+        feeds = {**extra, "static_emb": static, "dynamic_index": extra["dynamic_index"].int()}
+        assert verify_onnx(model, path, x, xm, extra_inputs=feeds) <= ATOL
+
+
+def test_fallback_file_is_checked(tmp_path, monkeypatch):
+    """The TorchScript exporter drops inputs the graph does not read (LeMoLE's x_mark_enc): its file is
+    checked like any other, and refused whole."""
+    real_export = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    _, extra = _table_inputs(2)
+    with pytest.raises(ValueError, match=r"torchscript exporter wrote a graph that breaks the contract .*"
+                                         r"expected \['x_enc', 'x_mark_enc'\] first"):
+        export_onnx(_lemole(), tmp_path / "m.onnx", extra_inputs=extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_errors_come_before_any_exporter(tmp_path, monkeypatch, caplog):
+    """A missing text input is the model's own ValueError, raised once, with no exporter run and no
+    warning logged (dynamo failed on it, the whole torch.export error was logged, TorchScript ran too)."""
+    calls = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(k.get("dynamo")))
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with pytest.raises(ValueError, match="LeMoLE needs"):
+        export_onnx(_lemole(), tmp_path / "m.onnx")
+    assert calls == [] and "falling back" not in caplog.text and list(tmp_path.iterdir()) == []
+
+
+def test_verify_without_time_features(tmp_path):
+    """A model that takes x_mark_enc=None (one expert): PyTorch gets None, ORT zeros of the graph's width
+    (was AttributeError: 'NoneType' object has no attribute 'detach')."""
+    torch.manual_seed(0)
+    model = RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=H, channels=C, n_experts=1, n_time_features=F))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    x, _ = batch(3)
+    assert verify_onnx(model, path, x, None) <= ATOL
+    routed = make("rlinear")
+    path = export_onnx(routed, tmp_path / "routed.onnx")
+    with pytest.raises(ValueError, match="routes on time features: pass x_mark_enc"):
+        verify_onnx(routed, path, x, None)

@@ -169,3 +169,12 @@ def test_onnx_parity_with_text_inputs(tmp_path, kind):
                            atol=1e-4) <= 1e-4
         torch.testing.assert_close(m(t["x"], **longer), m(t["x"], text_hidden=longer["text_hidden"],
                                                          text_mask=longer["text_mask"].bool()))
+
+
+@pytest.mark.parametrize("make", [lambda **kw: LeMoLEConfig(**kw), lambda **kw: MoMEConfig(**kw)])
+def test_text_model_configs_check_dropout_and_int_fields(make):
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=r"Config.dropout must be a number in \[0, 1\)"):
+            make(dropout=bad)
+    cfg = make(lookback=48.0, horizon=12.0, channels=3, dropout=0)
+    assert type(cfg.lookback) is int and type(cfg.horizon) is int and type(cfg.dropout) is float

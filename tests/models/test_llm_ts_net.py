@@ -100,6 +100,15 @@ def test_prompt_pool_selects_top_k():
     torch.testing.assert_close(p2, (probs2.gather(1, idx2)[..., None, None] * pool.values[idx2]).reshape(N, -1, d))
 
 
+def test_text_mask_shape_is_checked():
+    m = LLMTSNet(cfg())
+    t = inputs()
+    with pytest.raises(ValueError, match=r"LLMTSNet: text_mask must be \[B, T\]=\(4, 7\) like text_hidden, got \(4, 5\)"):
+        m(t["x"], text_hidden=t["hidden"], text_mask=t["mask"][:, :5])
+    with pytest.raises(ValueError, match="text_mask must be"):
+        m(t["x"], text_hidden=t["hidden"], text_mask=t["mask"][0])
+
+
 def test_onnx_parity_and_save_load(tmp_path):
     torch.manual_seed(3)
     m = LLMTSNet(cfg()).eval()
@@ -215,6 +224,19 @@ def test_lora_amr_lm_path(tiny_llama, tmp_path, monkeypatch):
     path = export_onnx(m, tmp_path / "lm.onnx", extra_inputs={"text_ids": ids[:2], "text_mask": mask[:2]})
     assert verify_onnx(m, path, x, torch.rand(B, L, 4) - 0.5, extra_inputs={"text_ids": ids2, "text_mask": mask2},
                        atol=1e-4) <= 1e-4
+    # what PyTorch takes, verify_onnx feeds ONNX Runtime as the graph needs it: int32 ids, an int 0/1 mask
+    assert verify_onnx(m, path, x, torch.rand(B, L, 4) - 0.5,
+                       extra_inputs={"text_ids": ids2.int(), "text_mask": mask2.int()}, atol=1e-4) <= 1e-4
+    # ids outside the LM's vocabulary and a misshapen mask, in the user's terms (were an IndexError and
+    # gqa_attention's key_padding_mask message)
+    with pytest.raises(ValueError, match=r"text_ids hold ids \d+\.\.97, outside the vocabulary .*\[0, 97\)"):
+        m(x, text_ids=torch.cat([ids, torch.full((B, 1), 97)], 1))
+    with pytest.raises(ValueError, match=r"text_ids hold ids -1\.\."):
+        m(x, text_ids=torch.cat([ids, torch.full((B, 1), -1)], 1))
+    with pytest.raises(ValueError, match="text_ids must be integer token ids"):
+        m(x, text_ids=ids.float())
+    with pytest.raises(ValueError, match=r"text_mask must be \[B, T\]=\(4, 9\) like text_ids, got \(4, 5\)"):
+        m(x, text_ids=ids, text_mask=mask[:, :5])
     # a state dict missing anything but frozen LM weights is still an error
     sd = {k: v for k, v in m.state_dict().items() if k != "head.weight"}
     with pytest.raises(RuntimeError, match="missing keys"):

@@ -63,6 +63,34 @@ def test_mola_config_errors_and_persistence(tmp_path):
     torch.testing.assert_close(ForecastModel.from_pretrained(tmp_path)(x, xm), m.eval()(x, xm))
 
 
+def test_mola_partial_backbone_dict_gets_its_defaults():
+    """A backbone dict with only some fields is completed from its config class (the forward raised
+    KeyError: 'lookback' from MoLAConfig.lookback); invalid fields are a ValueError at construction."""
+    m = MoLA(MoLAConfig(backbone={"model_type": "rlinear_mole", "horizon": 1, "channels": C}, horizon=4))
+    d = RLinearMoLEConfig()
+    assert m.config.lookback == d.lookback and m.config.channels == C and m.config.n_time_features == 4
+    assert m.config.backbone["dropout"] == d.dropout and m.config.backbone["model_type"] == "rlinear_mole"
+    g = torch.Generator().manual_seed(0)
+    assert m(torch.randn(2, d.lookback, C, generator=g), torch.rand(2, d.lookback, 4, generator=g)).shape == (2, 4, C)
+    assert MoLAConfig(backbone={"model_type": "dlinear_mole"}, horizon=4).backbone["horizon"] == 1
+    with pytest.raises(ValueError, match=r"MoLAConfig.backbone: unknown key\(s\) \['bogus'\]"):
+        MoLAConfig(backbone={"model_type": "rlinear_mole", "horizon": 1, "bogus": 3}, horizon=4)
+    with pytest.raises(ValueError, match="MoLAConfig.backbone: RLinearMoLEConfig.lookback must be an integer"):
+        MoLAConfig(backbone={"model_type": "rlinear_mole", "horizon": 1, "lookback": 0}, horizon=4)
+
+
+def test_mola_settings_must_be_integers():
+    bb = RLinearMoLE(RLinearMoLEConfig(lookback=L, horizon=1, channels=C, n_experts=2))
+    with pytest.raises(ValueError, match="MoLAConfig.rank must be an integer >= 1, got '2'"):
+        MoLA.from_backbone(bb, horizon=5, rank="2")      # was TypeError: '<' between str and int
+    with pytest.raises(ValueError, match="MoLAConfig.horizon must be an integer >= 1, got 5.5"):
+        MoLA.from_backbone(bb, horizon=5.5)
+    with pytest.raises(ValueError, match="MoLAConfig.alpha must be a finite number"):
+        MoLA.from_backbone(bb, horizon=5, alpha="16")
+    cfg = MoLA.from_backbone(bb, horizon=6.0, segments=3.0).config
+    assert type(cfg.horizon) is int and type(cfg.segments) is int
+
+
 def test_mola_cli(tmp_path):
     out = tmp_path / "mola"
     main(["train", "--model", "mola", "--backbone", "dlinear", "--lookback", "48", "--horizon", "12",

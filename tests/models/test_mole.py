@@ -175,3 +175,71 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown model 'patchtst'; known models: dlinear_mole"):
         get_model_class("patchtst")
     assert get_model_class("RLinear-MoLE") is RLinearMoLE
+
+
+def test_numpy_and_float_config_values_become_ints(tmp_path):
+    """Validated fields are stored as Python ints (numpy ints broke config.json, 5.0 broke tensor shapes)."""
+    np = pytest.importorskip("numpy")
+    cfg = RLinearMoLEConfig(lookback=np.int64(12), horizon=5.0, channels=np.int32(2), n_experts=2.0,
+                            windows=[np.int64(12), 6.0], head_dropout=np.float32(0.25))
+    assert [type(v) for v in (cfg.lookback, cfg.horizon, cfg.channels, cfg.n_experts)] == [int] * 4
+    assert cfg.windows == [12, 6] and type(cfg.head_dropout) is float
+    model = RLinearMoLE(cfg)
+    x, xm = batch(B=2, L=12, C=2)
+    assert model(x, xm).shape == (2, 5, 2)
+    model.save_pretrained(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    torch.testing.assert_close(ForecastModel.from_pretrained(tmp_path / "ck")(x, xm), model.eval()(x, xm))
+    with pytest.raises(ValueError, match="horizon must be an integer >= 1, got 5.5"):
+        RLinearMoLEConfig(horizon=5.5)
+
+
+def test_save_writes_nothing_when_the_config_cannot_be_saved(tmp_path):
+    """A config JSON cannot hold is refused before any file is written (it left new weights beside an old
+    config, or a folder with weights only)."""
+    np = pytest.importorskip("numpy")
+    old = RLinearMoLE(RLinearMoLEConfig(lookback=12, horizon=3, channels=2))
+    old.save_pretrained(tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    new = RLinearMoLE(RLinearMoLEConfig(lookback=12, horizon=3, channels=2))
+    new.config.revin_affine = np.bool_(True)       # set after validation: not JSON
+    with pytest.raises(ValueError, match=r"config field\(s\) \['revin_affine'\] cannot be written"):
+        new.save_pretrained(tmp_path / "ck")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
+    with pytest.raises(ValueError, match="revin_affine"):
+        new.save_pretrained(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: RLinearMoLEConfig(dropout=1.0), r"RLinearMoLEConfig.dropout must be a number in \[0, 1\), got 1.0"),
+    (lambda: RLinearMoLEConfig(dropout=-0.1), "dropout must be a number"),
+    (lambda: RMLPMoLEConfig(dropout="0.1"), "dropout must be a number"),
+    (lambda: DLinearMoLEConfig(head_dropout=1.5), "head_dropout must be a number"),
+    (lambda: DLinearMoLEConfig(moving_avg=24), "moving_avg must be an odd integer"),
+    (lambda: DLinearMoLEConfig(moving_avg=0), "moving_avg must be an integer >= 1"),
+    (lambda: DLinearMoLEConfig(lookback=12, n_experts=1, windows=[12]), "does not take expert windows"),
+    (lambda: RMLPMoLEConfig(mlp_hidden=0), "mlp_hidden must be an integer >= 1"),
+])
+def test_config_errors_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("model_type"), r"config.json has no 'model_type' key"),
+    (lambda c: c.update(bogus=1), r"config.json: unknown key\(s\) \['bogus'\] for RLinearMoLEConfig"),
+    (lambda c: c.update(model_type="nope"), "config.json: unknown model 'nope'"),
+    (lambda c: c.update(lookback=0), "config.json: RLinearMoLEConfig.lookback must be an integer"),
+])
+def test_hand_edited_config_json(tmp_path, edit, match):
+    import json
+
+    RLinearMoLE(RLinearMoLEConfig(lookback=12, horizon=3, channels=2)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        ForecastModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        RLinearMoLE.from_pretrained(tmp_path)

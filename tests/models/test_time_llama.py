@@ -103,8 +103,49 @@ def test_bf16_backbone_and_prompt_ids(tiny_dir):
     assert m.backbone.norm.weight.dtype == torch.bfloat16
     y = m(batch()[0])
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    # bf16 x_enc: some weights are bf16, but not those x_enc meets (was "expected m1 and m2 to have the same dtype")
+    with pytest.raises(ValueError, match=r"x_enc must be torch.float32 \(the dtype of the model's time-series input "
+                                         r"layers.*got torch.bfloat16"):
+        m(batch()[0].bfloat16())
     with pytest.raises(ValueError, match="prompt token ids"):
         make(tiny_dir, prompt_token_ids=[500])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lora_targets=["q", "qq"], top_n=1), r"lora_targets: unknown projection\(s\) \['qq'\]; use the short names"),
+    (dict(lora_targets=["q", "self_attn.q_proj"], top_n=1), "names a projection twice"),
+    (dict(dropout=1.0), r"TimeLlaMAConfig.dropout must be a number in \[0, 1\)"),
+    (dict(lora_dropout=-0.5), "lora_dropout must be a number"),
+    (dict(d_model=576, n_heads=4), r"n_heads=4 makes cross-attention heads 576 / 4 = 144 wide .* set n_heads to one "
+                                   r"of \[6, 8, 9, 12, 16, 18\]$"),
+    (dict(d_model=576, n_heads=5), r"not divisible by n_heads=5"),
+    (dict(d_model=576, n_heads=4, n_kv_heads=4), r"one of \[8, 12, 16, 24, 32, 36\] \(multiples of n_kv_heads=4\)"),
+])
+def test_config_errors_before_the_llm_loads(kw, match, monkeypatch):
+    """Checked by the config itself (these failed only after the LLM loaded, or with advice naming
+    head_dim, which is no TimeLlaMAConfig field)."""
+    with pytest.raises(ValueError, match=match) as e:
+        TimeLlaMAConfig(**kw)
+    assert "head_dim" not in str(e.value)
+    assert TimeLlaMAConfig(lora_targets=["q", "mlp.down_proj"], top_n=1, d_model=576.0).d_model == 576
+
+
+def test_heads_checked_against_the_backbone_width(tiny_dir, monkeypatch):
+    """A model folder's width is read from its config.json before any weight loads; otherwise (GGUF) the
+    width is checked right after loading, with the same advice."""
+    import mmts_fast.llm.backbone as backbone
+
+    def no_load(*a, **k):
+        raise AssertionError("the backbone was loaded")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(backbone, "load_backbone", no_load)
+        with pytest.raises(ValueError, match=r"width 64 \(the backbone's hidden size\) is not divisible by "
+                                             r"n_heads=3; set n_heads to one of \[1, 2, 4, 8, 16, 32\]"):
+            make(tiny_dir, n_heads=3, n_kv_heads=None)
+    monkeypatch.setattr(tl, "_config_width", lambda backbone: None)      # as for a GGUF file
+    with pytest.raises(ValueError, match=r"not divisible by n_heads=3; set n_heads to one of"):
+        make(tiny_dir, n_heads=3, n_kv_heads=None)
 
 
 def test_gradients_reach_only_trainable(tiny_dir):
