@@ -119,7 +119,8 @@ def test_verify_rejects_custom_ops(exported, tmp_path):
         check_graph(bad)
 
 
-def test_fallback_to_torchscript(tmp_path, monkeypatch, caplog):
+def _without_dynamo(monkeypatch):
+    """torch.onnx.export with the dynamo exporter failing, as it does on some graphs: the fallback runs."""
     real_export = torch.onnx.export
 
     def no_dynamo(*args, dynamo=True, **kwargs):
@@ -128,6 +129,10 @@ def test_fallback_to_torchscript(tmp_path, monkeypatch, caplog):
         return real_export(*args, dynamo=False, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+
+
+def test_fallback_to_torchscript(tmp_path, monkeypatch, caplog):
+    _without_dynamo(monkeypatch)
     caplog.set_level(logging.INFO, logger=LOGGER)
     model = make("rmlp")
     path = export_onnx(model, tmp_path / "m.onnx")
@@ -254,14 +259,7 @@ def test_lemole_table_form_exports_through_export_inputs(tmp_path):
 def test_fallback_file_is_checked(tmp_path, monkeypatch):
     """The TorchScript exporter drops inputs the graph does not read (LeMoLE's x_mark_enc): its file is
     checked like any other, and refused whole."""
-    real_export = torch.onnx.export
-
-    def no_dynamo(*args, dynamo=True, **kwargs):
-        if dynamo:
-            raise RuntimeError("simulated dynamo failure")
-        return real_export(*args, dynamo=False, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    _without_dynamo(monkeypatch)
     _, extra = _table_inputs(2)
     with pytest.raises(ValueError, match=r"torchscript exporter wrote a graph that breaks the contract .*"
                                          r"expected \['x_enc', 'x_mark_enc'\] first"):
