@@ -196,7 +196,7 @@ def cmd_train(args) -> dict:
     text_model = bool(getattr(klass, "extra_inputs", ()))    # LeMoLE, MoME, LLM-TS Net take text inputs
     spec = {"data": str(Path(args.data).resolve()) if args.data else None,
             "synthetic": {"n_rows": 4000, "n_channels": 4, "seed": 0}, "model": klass.model_type,
-            "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target,
+            "lookback": args.lookback, "horizon": args.horizon, "features": args.features, "target": args.target or "OT",
             "freq": args.freq, "borders": args.borders, "text": None}
     if args.borders not in ("auto", "custom") and (args.data is None or is_timemmd(Path(args.data))):
         print(f"warning: --borders {args.borders} is ignored for {'a Time-MMD domain' if args.data else 'built-in data'}"
@@ -220,6 +220,8 @@ def cmd_train(args) -> dict:
         train, val, test, d_llm = build_datasets(spec)
     except (ValueError, FileNotFoundError, ImportError) as e:   # the loader's "pass freq" is --freq here
         raise _data_error(e)
+    if args.target is not None and args.target not in train.columns:   # named, so it must exist (also OT)
+        raise SystemExit(f"error: target column {args.target!r} not found in {list(train.columns)}")
     spec.update(columns=train.columns, freq=train.freq, n_time_features=train.n_time_features)
     if len(train) < args.batch_size:   # before anything is written (MoLA's stage 1 has more windows)
         raise SystemExit(f"error: the train split has {len(train)} windows, fewer than one batch of "
@@ -448,8 +450,8 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True, out_defau
     p.add_argument("--seed", type=int, default=2021, help="random seed (default %(default)s)")
     p.add_argument("--features", default="M", choices=["M", "S", "MS"], help="M: all channels in and out; S: "
                    "the target only; MS: all in, the target out (default %(default)s)")
-    p.add_argument("--target", default="OT", help="target column, put last (default %(default)s; with "
-                   "--features M a target other than OT must exist too)")
+    p.add_argument("--target", default=None, help="target column, put last (default OT; with --features M "
+                   "a file without OT is fine unless --target is given)")
     p.add_argument("--freq", default=None, help="data frequency for the time features, when the dates do not "
                    "give it: a unit (s, t or min, h, d, b, w, m) with an optional count, e.g. 15min, 3h")
     p.add_argument("--borders", default="auto", choices=["auto", "ett_h", "ett_m", "custom"],

@@ -278,6 +278,11 @@ def test_borders_option_lr_decay_target_and_freq(tmp_path, capsys):
     with pytest.raises(SystemExit, match="target column 'nope' not found"):
         main(["train", "--out", str(tmp_path / "t"), *args, "--borders", "custom", "--target", "nope"])
     assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+    no_ot = tmp_path / "no_ot.csv"      # OT is only the default: a file without it trains, a named OT must exist
+    no_ot.write_text(_toy_csv(tmp_path).read_text().replace("date,a,OT", "date,a,b"))
+    with pytest.raises(SystemExit, match="target column 'OT' not found in \\['a', 'b'\\]"):
+        main(["train", "--out", str(tmp_path / "o"), "--data", str(no_ot), "--target", "OT", "--experts", "2", *SMALL])
+    main(["train", "--out", str(tmp_path / "o"), "--data", str(no_ot), "--experts", "2", *SMALL])
 
 
 def test_eval_plot_path(tmp_path, capsys):
