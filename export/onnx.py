@@ -166,15 +166,14 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
     extra_axes = {n: a for n, a in getattr(model, "export_dynamic_axes", {}).items() if n in extras}
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     external_data = n_bytes > _EMBED_LIMIT
+    # Export into a private folder next to the target, under the final file name (so that an
+    # external data file, if any, is referenced by its final name), then move the files over.
     with _reference_mode(model):
         wrapper = _Positional(model, tuple(extras)).eval()
         wrapper(*args)   # the model's own input errors (missing or misshapen inputs) now, before any exporter
-    # Export into a private folder next to the target, under the final file name (so that an
-    # external data file, if any, is referenced by its final name), then move the files over.
-    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        out_file = tmp_dir / path.name
-        with _reference_mode(model):
+        tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            out_file = tmp_dir / path.name
             start = time.perf_counter()
             try:
                 _export(wrapper, args, names, out_file, opset, True, external_data, extra_axes)
@@ -189,18 +188,18 @@ def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, chann
                 _export(wrapper, args, names, out_file, opset, False, external_data, extra_axes)
                 exporter = "torchscript"
             seconds = time.perf_counter() - start
-        if not out_file.is_file():
-            raise RuntimeError(f"export_onnx: the {exporter} exporter wrote no file")
-        try:   # the file must keep the package's contract whichever exporter wrote it
-            check_graph(out_file)
-        except ValueError as e:
-            raise ValueError(f"export_onnx: the {exporter} exporter wrote a graph that breaks the contract "
-                             f"({str(e).replace(str(out_file), path.name)}); nothing was written to {path}") from e
-        # The .onnx file goes last: it is the commit point, its data files are in place before it.
-        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            if not out_file.is_file():
+                raise RuntimeError(f"export_onnx: the {exporter} exporter wrote no file")
+            try:   # the file must keep the package's contract whichever exporter wrote it
+                check_graph(out_file)
+            except ValueError as e:
+                raise ValueError(f"export_onnx: the {exporter} exporter wrote a graph that breaks the contract "
+                                 f"({str(e).replace(str(out_file), path.name)}); nothing was written to {path}") from e
+            # The .onnx file goes last: it is the commit point, its data files are in place before it.
+            for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):
+                os.replace(f, path.parent / f.name)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("exported %s to %s with the %s exporter in %.2f s", type(model).__name__, path, exporter, seconds)
     return path
 

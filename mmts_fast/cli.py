@@ -63,10 +63,11 @@ def build_datasets(spec: dict):
         train = ForecastDataset(table, "train", **kw)
         stats = (train.mean, train.std)
         val, test = (ForecastDataset(table, sp, stats=stats, **kw) for sp in ("val", "test"))
-    try:   # what the dates alone say (eval/export with another file: compared with the run's freq)
-        test.inferred_freq = infer_freq(table.dates)
-    except ValueError:
-        test.inferred_freq = None
+    if spec.get("columns") is not None:   # a trained run's spec (eval/export): what the dates alone say,
+        try:                                # compared with the run's freq in _check_data
+            test.inferred_freq = infer_freq(table.dates)
+        except ValueError:
+            test.inferred_freq = None
     d_llm = None
     if spec.get("text"):
         from mmts_fast.text.conditioning import attach_text
@@ -111,13 +112,9 @@ def _prepare_out(out: Path, overwrite: bool):
     if found and not overwrite:
         raise SystemExit(f"error: {out} already holds a run ({', '.join(str(f.relative_to(out)) for f in found)}); "
                          f"pass --overwrite to replace it, or choose another --out")
-    done = []
-
     def remove_old_run() -> None:
-        if not done:   # once: MoLA's stage 2 must not remove stage 1's new checkpoint
-            done.append(True)
-            for f in found:
-                f.unlink(missing_ok=True)
+        while found:   # emptied by the first call: MoLA's stage 2 must not remove stage 1's new checkpoint
+            found.pop().unlink(missing_ok=True)
     return remove_old_run
 
 
@@ -331,11 +328,9 @@ def _load_model(run_dir: Path):
     from mmts_fast.models import ForecastModel
     try:
         return ForecastModel.from_pretrained(run_dir)
-    except SafetensorError as e:
+    except SafetensorError as e:   # (a broken config.json is a ValueError naming it, from from_pretrained)
         raise SystemExit(f"error: {run_dir / 'model.safetensors'} is not a readable safetensors file ({e}); "
                          "it may be damaged: train the run again") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {run_dir / 'config.json'} is not valid JSON ({e})") from None
 
 
 def _check_data(spec: dict, test, model, data) -> None:

@@ -223,13 +223,20 @@ def load_csv(path: str | Path, target: str = "OT") -> TimeSeriesTable:
 _FREQ_ALIASES = {"s": "s", "t": "t", "min": "t", "h": "h", "d": "d", "b": "d", "w": "w", "m": "m", "mon": "m"}
 
 
+def split_freq(freq: str) -> tuple[int, str]:
+    """``(count, unit)`` of a TSLib/pandas freq string, an optional count and a unit (``"15min"`` ->
+    ``(15, "min")``, ``"h"`` -> ``(1, "h")``; unit lower-cased); ``(0, "")`` when it is not of that form."""
+    m = re.fullmatch(r"\s*(\d*)\s*([A-Za-z]+)\s*", str(freq))
+    return (int(m.group(1) or 1), m.group(2).lower()) if m else (0, "")
+
+
 def _norm_freq(freq: str) -> str:
     """The timeF letter of a TSLib/pandas freq string: an optional count and a unit (``"h"``, ``"3h"``,
     ``"15min"``, ``"t"``, ``"s"``, ``"d"``, ``"b"``, ``"w"``, ``"m"``/``"mon"``), as
     :func:`mmts_fast.text.prompts.freq_step` reads them."""
-    m = re.fullmatch(r"\s*(\d*)\s*([A-Za-z]+)\s*", str(freq))
-    unit = _FREQ_ALIASES.get(m.group(2).lower()) if m else None
-    if unit is None or (m.group(1) and int(m.group(1)) < 1):
+    count, unit = split_freq(freq)
+    unit = _FREQ_ALIASES.get(unit)
+    if unit is None or count < 1:
         raise ValueError(f"unsupported freq {freq!r}; expected a unit from {sorted(_FREQ_ALIASES)} with an "
                          "optional count (e.g. h, 3h, 15min, d)")
     return unit

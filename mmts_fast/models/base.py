@@ -50,6 +50,11 @@ def _is_int(v) -> bool:
         return False
 
 
+def tracing() -> bool:
+    """Compiling, exporting or JIT tracing: data-dependent checks (a value read on the host) cannot run."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def require_positive(config, *names: str) -> None:
     """Config validation shared by every model: each named field must be an integer >= 1; it is stored
     back as a Python ``int`` (a numpy integer or ``5.0`` would break JSON or tensor shapes later)."""
@@ -201,7 +206,7 @@ class ForecastModel(nn.Module):
             dtypes = sorted({str(p.dtype) for p in self.parameters() if p.is_floating_point()})
             raise ValueError(f"{type(self).__name__}: x_enc is {x_enc.dtype} but the model's weights are "
                              f"{', '.join(dtypes)}; convert one of them (x_enc.to(...) or model.to(...))")
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not tracing():
             for name, t in (("x_enc", x_enc), ("x_mark_enc", x_mark_enc)):
                 if t is not None and not torch.isfinite(t).all():
                     raise ValueError(f"{type(self).__name__}: {name} contains NaN or inf")

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmts_fast.models.base import (ForecastModel, build_config, config_json, load_weights, read_config, require_fraction,
-                                   require_positive, write_checkpoint)
+                                   require_positive, tracing, write_checkpoint)
 from mmts_fast.nn import GQAttention, RevIN
 
 __all__ = ["LLMTSNetConfig", "LLMTSNet", "PromptPool"]
@@ -120,11 +120,6 @@ class LLMTSNetConfig:
         self.lora_targets = tuple(self.lora_targets)
         if self.text_lm is not None:
             self.text_lm = str(self.text_lm)
-
-
-def _tracing() -> bool:
-    """Compiling or exporting: data-dependent checks cannot run."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PromptPool(nn.Module):
@@ -251,7 +246,7 @@ class LLMTSNet(ForecastModel):
             if text_ids.is_floating_point() or text_ids.dtype == torch.bool:
                 raise ValueError(f"LLMTSNet: text_ids must be integer token ids, got {text_ids.dtype}")
             vocab = self.text_lm.get_input_embeddings().num_embeddings
-            if not _tracing() and text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= vocab):
+            if not tracing() and text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= vocab):
                 raise ValueError(f"LLMTSNet: text_ids hold ids {int(text_ids.min())}..{int(text_ids.max())}, outside "
                                  f"the vocabulary of text_lm={cfg.text_lm!r} ([0, {vocab})): use its tokenizer")
             T = text_ids.shape[1]

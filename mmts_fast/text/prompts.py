@@ -3,12 +3,11 @@ dynamic prompts, one per time step: ``"This is Time Series from {start} to {end}
 from __future__ import annotations
 
 import calendar
-import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
-from mmts_fast.data.tslib import median_spacing_s
+from mmts_fast.data.tslib import median_spacing_s, split_freq
 
 __all__ = ["DATASET_DESCRIPTIONS", "static_prompt", "dynamic_prompts", "freq_step", "DATE_FORMAT"]
 
@@ -61,11 +60,10 @@ def freq_step(freq: str | timedelta) -> timedelta | int:
         if freq <= timedelta(0):
             raise ValueError(f"freq must be positive, got {freq}")
         return freq
-    m = re.fullmatch(r"\s*(\d*)\s*([A-Za-z]+)\s*", freq)
-    unit = _UNITS.get(m.group(2).lower()) if m else None
+    n, unit = split_freq(freq)
+    unit = _UNITS.get(unit)
     if unit is None:
         raise ValueError(f"unsupported freq {freq!r}; expected e.g. 'h', '15min', 'd', 'w', 'm' or a timedelta")
-    n = int(m.group(1) or 1)
     if n < 1:
         raise ValueError(f"freq must be positive, got {freq!r}")
     return n if unit == "months" else timedelta(**{unit: n})
