@@ -10,8 +10,10 @@ Implementations (``impl`` field):
 
 * ``k1``: ``mmts_fast.ops.expert_heads`` under the ``auto`` backend: the Triton kernels on CUDA, the
   eager packed reference on CPU. The ``backend`` field says which one actually ran.
-* ``reference``: ``expert_heads_reference``, eager PyTorch (one packed GEMM for all experts with
-  the off-window weight columns masked to zero, then an einsum with the gates).
+* ``reference``: ``expert_heads_reference``, eager PyTorch: one GEMM for all experts, either against
+  the packed ``[M*H, L]`` weight (off-window columns masked to zero) followed by the gate-weighted sum
+  (the bias mixed apart as ``gates @ bias``), or, when smaller, on the gate-scaled window inputs
+  ``[N, sum w]`` against the concatenated windows' weights.
 * ``compiled_reference``: ``torch.compile(expert_heads_reference, dynamic=False)``; compiled during
   warm-up (``compile_s`` is the first call's wall time); a compile failure is recorded in ``error``.
 * ``per_expert_loop``: what LeMoLE's public code does: an ``nn.ModuleList`` of ``nn.Linear(w_m, H)``,

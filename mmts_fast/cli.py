@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -92,6 +93,14 @@ def _load_spec(run_dir: Path, data=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ train
+def _encoder_record(text: dict) -> str:
+    """The encoder as config.json records it: its name, plus the ``TextEncoder.from_name`` options that
+    change its embeddings (``smollm2 (layers=2, load_in_4bit=True)``), so a checkpoint alone says what to feed."""
+    opts = [f"layers={text['layers']}"] if text.get("layers") else []
+    opts += ["load_in_4bit=True"] if text.get("load_in_4bit") else []
+    return text["encoder"] + (f" ({', '.join(opts)})" if opts else "")
+
+
 def _data_error(e: Exception) -> SystemExit:
     """A data loading error as the CLI says it: the loader's "pass freq"/"borders='custom'" are options here."""
     return SystemExit("error: " + str(e).replace("pass freq explicitly", "pass --freq (h, t, d, w, m, ...)")
@@ -229,7 +238,7 @@ def cmd_train(args) -> dict:
     options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
                              channel_independent=False if args.channel_mixing else None, top_k=args.top_k)
     if spec["text"] and not args.text_lm:   # (the --text-lm path tokenizes for its own LM, recorded as text_lm)
-        options.update(text_encoder=spec["text"]["encoder"])
+        options.update(text_encoder=_encoder_record(spec["text"]))
     if text_model and args.no_text:
         options.update(use_static=False, use_dynamic=False, use_text=False)
     if args.text_lm:
@@ -536,6 +545,11 @@ def main(argv=None) -> int:
         if os.environ.get("MMTS_FAST_DEBUG"):
             raise
         raise SystemExit(f"error: {e}") from e
+    except SystemExit as e:   # the CLI's own one-line errors: with MMTS_FAST_DEBUG, the error underneath too
+        underneath = e.__cause__ or e.__context__
+        if os.environ.get("MMTS_FAST_DEBUG") and underneath is not None:
+            traceback.print_exception(underneath, file=sys.stderr)
+        raise
     return 0
 
 

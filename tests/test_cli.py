@@ -306,3 +306,24 @@ def test_help_texts():
     assert "(RLinear/RMLP" not in train
     assert "run directory (default runs/demo)" in " ".join(sub["run"].format_help().split())
     assert "(default 0.0001)" in " ".join(sub["export"].format_help().split())
+
+
+def test_debug_shows_the_error_underneath_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """MMTS_FAST_DEBUG=1 prints the traceback of the exception behind the CLI's own `error: ...` lines
+    (here the loader's, for an unknown target), which the CLI raises as SystemExit itself."""
+    csv = _toy_csv(tmp_path)
+    args = ["train", "--out", str(tmp_path / "t"), "--data", str(csv), "--features", "MS", "--target", "nope", *SMALL]
+    with pytest.raises(SystemExit, match="nope"):
+        main(args)
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("MMTS_FAST_DEBUG", "1")
+    with pytest.raises(SystemExit, match="nope"):
+        main(args)
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_config_records_the_encoder_options_that_change_embeddings():
+    from mmts_fast.cli import _encoder_record
+    assert _encoder_record({"encoder": "minilm", "layers": None, "load_in_4bit": False}) == "minilm"
+    assert _encoder_record({"encoder": "smollm2", "layers": 2, "load_in_4bit": True}) == \
+        "smollm2 (layers=2, load_in_4bit=True)"
