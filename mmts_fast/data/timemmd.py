@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -143,12 +144,23 @@ def _read_numeric(csv_path: Path, target: str) -> TimeSeriesTable:
     return table
 
 
+#: A placeholder part: "NA" followed by whitespace or "(" ("NA (No relevant information found)",
+#: "NA \n\nPlease provide a valid excerpt..."). Case-sensitive: "NAFTA", "NASA's", "National" are text.
+_NA_PLACEHOLDER = re.compile(r"NA[\s(]")
+
+
+def _is_missing(part: str) -> bool:
+    p = part.strip()
+    return p.lower() in _NA or _NA_PLACEHOLDER.match(p) is not None
+
+
 def _clean(cell: str | None) -> str:
     """A text cell without its NA markers: ``;``-separated parts that are "NA", "nan", empty, ...
-    are dropped ("NA;NA" -> "", "NA;pred" -> "pred")."""
+    or an NA placeholder ("NA" then whitespace or "(": "NA (No relevant information found)") are
+    dropped ("NA;NA" -> "", "NA;pred" -> "pred")."""
     if cell is None:
         return ""
-    return ";".join(p for p in cell.split(";") if p.strip().lower() not in _NA).strip()
+    return ";".join(p for p in cell.split(";") if not _is_missing(p)).strip()
 
 
 def load_texts(folder: str | Path, domain: str) -> TimeMMDTexts:

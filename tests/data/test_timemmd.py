@@ -69,6 +69,28 @@ def test_toy_domain_texts_and_columns(tmp_path):
     assert np.array_equal(table2.values, table.values) and texts2.texts == texts.texts
 
 
+def test_na_placeholder_texts_are_missing(tmp_path):
+    """Parts that are "NA" followed by whitespace or "(" (LLM placeholders for "no information") are
+    missing like a bare NA; words that merely start with NA ("NAFTA", "NASA's") are kept."""
+    d = write_domain(tmp_path)
+    (d / "Toy_report.csv").write_text(
+        ",start_date,end_date,fact,preds\n"
+        '0,2020-01-01,2020-01-10,"NA (No relevant information found)","NA \n\nPlease provide a valid excerpt."\n'
+        '1,2020-01-02,2020-01-11,"NA\n\nNote: nothing relevant.","real pred"\n'
+        '2,2020-01-03,2020-01-12,"NAFTA trade rose.","NA(no data);pred two"\n'
+        '3,2020-01-04,2020-01-13,"NASA\'s satellite.","na"\n')
+    (d / "Toy_search.csv").write_text(",start_date,end_date,fact,preds\n"
+                                      '0,2020-01-05,2020-01-14," NA  ","NA (no predictions)"\n')
+    _, texts = load_timemmd(d)
+    assert [r.text for r in texts] == ["real pred", "NAFTA trade rose. pred two", "NASA's satellite."]
+
+
+def test_real_domains_keep_no_na_placeholder_texts():
+    for name in ("Health_US", "Energy", "Environment"):
+        _, texts = load_timemmd(_domain(name))
+        assert len(texts) > 0 and not [r.text for r in texts if re.match(r"\s*NA[\s(]", r.text)]
+
+
 def set_cell(domain: Path, data_row: int, column: str, value: str) -> None:
     """Overwrite one cell of the domain's numerical csv (``data_row`` 0-based, i.e. file line + 2)."""
     csv_path = domain / f"{domain.name}.csv"

