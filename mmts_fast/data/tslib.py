@@ -112,7 +112,7 @@ def check_header(path, header: list[str]) -> list[str]:
 
 #: Date formats tried, in order, when the first date is not ISO 8601 (``datetime.fromisoformat``); the
 #: first one that parses the file's first date is used for every row.
-DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%Y/%m/%d",
+DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%Y/%m/%d",
                 "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y")
 _ACCEPTED = "accepted: ISO 8601 (2016-07-01 00:00:00) or " + ", ".join(DATE_FORMATS)
 

@@ -309,6 +309,14 @@ def test_non_iso_date_formats(tmp_path, fmt):
     assert got == want
 
 
+def test_single_digit_dates_without_time(tmp_path):
+    """Daily data written without zero padding or time ("2016-1-9"), as spreadsheets export it."""
+    days = [datetime(2016, 1, 1) + timedelta(days=i) for i in range(40)]
+    path = tmp_path / "daily.csv"
+    path.write_text("date,OT\n" + "".join(f"{d.year}-{d.month}-{d.day},{i}\n" for i, d in enumerate(days)))
+    assert load_csv(path).dates == days
+
+
 def test_date_errors_name_formats_and_mixed_timezones(tmp_path):
     path = write_csv(tmp_path / "d.csv", 10, bad={(0, 0): "01.01.2021"})
     with pytest.raises(ValueError, match=r"unparseable date '01.01.2021' in row 2, column 'date' \(accepted: ISO "
