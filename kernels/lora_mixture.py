@@ -86,23 +86,69 @@ class NF4State(NamedTuple):
     dtype: torch.dtype     # the dequantised dtype (bitsandbytes' quant_state.dtype)
 
 
+CPU_BLOCK_N = 32   # the row-block size of bitsandbytes' CPU layout (its default, what Linear4bit.forward uses)
+
+
+def nf4_unpack_cpu_format(packed: Tensor, quant_state) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Undo bitsandbytes' CPU-only NF4 layout (``quant_state.packing_format_for_cpu``), leaving both arguments as
+    they are. Returns ``(bytes, absmax, dtype)``: the flat uint8 data in the standard layout, the per-block
+    scales as fp32 ``[d_out * d_in // blocksize]`` (not nested) and the original dequantised dtype.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in inference (eval, input without grad) runs
+    ``bitsandbytes.functional._convert_weight_packed_for_cpu`` once: the codes of every 32 rows are interleaved
+    into ``[N, K/2]`` bytes, the absmax is de-nested (double quantisation dropped) and stored as bf16
+    ``[K/blocksize, N]`` (transposed), and ``quant_state.dtype`` becomes bf16 (the original kept in
+    ``original_dtype``). The codes come back exactly; the absmax went through bf16, which is lossy (8 bits of
+    mantissa, not recoverable): the result is the NF4 tensor the repacked layer holds, i.e.
+    ``code[nibble] * bf16(absmax)``, which differs from the weights before the repack by up to 2^-8 relative.
+    (bitsandbytes' own inverse, ``_convert_weight_packed_for_cpu_inverse``, leaves the absmax bf16 and transposed
+    when the original state was not nested, and re-quantises it with a new double quantisation when it was,
+    which adds a second error.)"""
+    qs = quant_state
+    if not getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("nf4_unpack_cpu_format: the quant_state is not in bitsandbytes' CPU layout")
+    N, K = (int(s) for s in qs.shape)
+    bs = int(qs.blocksize)
+    data = packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+    absmax = qs.absmax
+    if (len(qs.shape) != 2 or N % CPU_BLOCK_N or K % 2 or K % bs or data.numel() != N * K // 2
+            or tuple(absmax.shape) != (K // bs, N)):
+        raise ValueError(f"NF4 weights in bitsandbytes' CPU layout: unexpected sizes (shape {tuple(qs.shape)}, "
+                         f"{data.numel()} bytes, absmax {tuple(absmax.shape)}, blocksize {bs}); expected "
+                         f"N % {CPU_BLOCK_N} == 0, K % blocksize == 0, N*K/2 bytes and absmax [K/blocksize, N]")
+    # bytes: rows of 32, each the low nibbles then the high nibbles of the [B=32, 2] codes of one
+    # (row block, column pair), in (row, column parity) order
+    rows = data.reshape(-1, CPU_BLOCK_N)
+    codes = torch.cat([rows & 15, rows >> 4], dim=-1)                         # [N/32 * K/2, 64]
+    codes = codes.reshape(N // CPU_BLOCK_N, K // 2, CPU_BLOCK_N, 2).transpose(1, 2).reshape(-1)  # row-major [N*K]
+    std = (codes[0::2] << 4) | codes[1::2]                                    # first value in the high nibble
+    dtype = getattr(qs, "original_dtype", None) or qs.dtype
+    return std.contiguous(), absmax.T.reshape(-1).float(), dtype
+
+
 def nf4_state(packed: Tensor, quant_state) -> NF4State:
-    """Read a bitsandbytes ``(packed, QuantState)`` pair (``quantize_4bit(..., quant_type="nf4")``)."""
+    """Read a bitsandbytes ``(packed, QuantState)`` pair (``quantize_4bit(..., quant_type="nf4")``); also one in
+    bitsandbytes' CPU-only layout (:func:`nf4_unpack_cpu_format`), read as the NF4 tensor it holds."""
     qs = quant_state
     if getattr(qs, "quant_type", None) != "nf4":
         raise ValueError(f"NF4 weights: only NF4 4-bit weights are supported (quant_type='nf4'), got quant_type="
                          f"{getattr(qs, 'quant_type', None)!r}")
-    if qs.dtype not in _DTYPES:
-        raise ValueError(f"NF4 weights: the dequantised dtype must be fp32/bf16/fp16, got {qs.dtype}")
+    cpu_format = bool(getattr(qs, "packing_format_for_cpu", False))
+    dtype = (getattr(qs, "original_dtype", None) or qs.dtype) if cpu_format else qs.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"NF4 weights: the dequantised dtype must be fp32/bf16/fp16, got {dtype}")
+    shape = tuple(int(s) for s in qs.shape)
+    code = qs.code.float()
+    if cpu_format:
+        flat, absmax, _ = nf4_unpack_cpu_format(packed, qs)
+        return NF4State(flat, [absmax, code], shape, int(qs.blocksize), 0, dtype)
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:          # quant_storage other than uint8: same bytes
         flat = flat.contiguous().view(torch.uint8)
-    shape = tuple(int(s) for s in qs.shape)
     n = math.prod(shape)
     if flat.numel() != (n + 1) // 2:
         raise ValueError(f"lora_mixture: packed NF4 data has {flat.numel()} bytes, expected "
                          f"{(n + 1) // 2} for shape {shape}")
-    code = qs.code.float()
     if qs.nested:
         offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=flat.device).reshape(1)
         state = [qs.absmax, code, qs.state2.absmax.float(), qs.state2.code.float(), offset]
@@ -110,7 +156,7 @@ def nf4_state(packed: Tensor, quant_state) -> NF4State:
     else:
         state = [qs.absmax.float(), code]
         bs2 = 0
-    return NF4State(flat, state, shape, int(qs.blocksize), bs2, qs.dtype)
+    return NF4State(flat, state, shape, int(qs.blocksize), bs2, dtype)
 
 
 def _as_nf4(weight) -> Optional[NF4State]:

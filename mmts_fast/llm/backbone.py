@@ -84,7 +84,11 @@ def weight_stats(model: nn.Module) -> dict[str, Any]:
             n += numel
             n4 += numel
             b_4bit += once(p) + sum(once(t) for t in _quant_state_tensors(qs))
-            b_if_dense += numel * torch.empty((), dtype=qs.dtype).element_size()
+            # bitsandbytes' CPU layout (packing_format_for_cpu) sets dtype to bf16, the original kept aside
+            dq = qs.dtype
+            if getattr(qs, "packing_format_for_cpu", False):
+                dq = getattr(qs, "original_dtype", None) or dq
+            b_if_dense += numel * torch.empty((), dtype=dq).element_size()
         else:
             n += p.numel()
             sz = once(p)

@@ -21,7 +21,10 @@ Our choices where the paper is silent:
   (``causal=True``, default); with causal attention the last token has seen every variate, which is what the
   D-LoRA routers pool. ``causal=False`` gives bidirectional attention (an explicit all-visible 4-D mask).
   Either way the mask is passed as an explicit additive 4-D mask, so the eager and SDPA attention
-  implementations agree and the ONNX graph holds no mask-building logic.
+  implementations agree and the ONNX graph holds no mask-building logic; the one exception is a backbone
+  switched to K3 by :func:`~mmts_fast.nn.apply_fast_attention` with causal attention, outside export: it gets
+  ``attention_mask=None`` (plain causal, no padding), which K3's mask function turns into K3's causal flag (a
+  4-D mask would send every layer to the eager fallback).
 * Prompt: tokenised once at construction (no special tokens, at most ``max_prompt_tokens``); the ids are
   written into ``config.prompt_token_ids`` so a saved model reloads without a tokenizer. The prompt
   embeddings ``[T, d]`` are a non-persistent fp32 buffer looked up at construction; afterwards the embedding
@@ -240,8 +243,16 @@ class TimeLlaMA(ForecastModel):
         self.register_load_state_dict_post_hook(_ignore_missing_frozen)
 
     # ---- forward ------------------------------------------------------------------------
-    def _attention_mask(self, C: int, dtype: torch.dtype, device) -> Tensor:
-        """Additive ``[1, 1, C, C]`` mask: 0 where visible, the dtype's most negative value elsewhere."""
+    def _attention_mask(self, C: int, dtype: torch.dtype, device, exporting: bool = False) -> Optional[Tensor]:
+        """Additive ``[1, 1, C, C]`` mask: 0 where visible, the dtype's most negative value elsewhere. None when
+        the backbone runs K3 (``apply_fast_attention``), attention is causal and no export is being traced: the
+        pattern is then plain causal without padding, which K3 computes from its causal flag (the same result;
+        a 4-D mask would make every layer fall back to eager attention)."""
+        from mmts_fast.nn.fast_attention import ATTN_IMPLEMENTATION
+
+        if (self.config.causal and not exporting
+                and getattr(self.backbone.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION):
+            return None
         m = torch.zeros(C, C, dtype=dtype, device=device)
         if self.config.causal:
             m = m.masked_fill(torch.ones(C, C, dtype=torch.bool, device=device).triu(1), torch.finfo(dtype).min)
@@ -265,7 +276,8 @@ class TimeLlaMA(ForecastModel):
         ctx = self.prompt_embeds.to(tok.dtype)[None].expand(B, -1, -1)        # [B, T, d]
         tok = tok + self.cross_attn(tok, ctx)                                  # align to the prompt, residual
         dtype = self.backbone.norm.weight.dtype
-        out = self.backbone(inputs_embeds=tok.to(dtype), attention_mask=self._attention_mask(C, dtype, tok.device),
+        mask = self._attention_mask(C, dtype, tok.device, exporting)
+        out = self.backbone(inputs_embeds=tok.to(dtype), attention_mask=mask,
                             use_cache=False).last_hidden_state                # [B, C, d]
         y = self.head(self.dropout(out.to(tok.dtype)))                         # [B, C, H]
         return self.revin.denorm(y.transpose(1, 2), stats)

@@ -66,16 +66,31 @@ def _unpack_cpu_format(lin: nn.Module) -> None:
     """Keep a ``Linear4bit`` in bitsandbytes' standard NF4 layout (the one K2 reads).
 
     On CPUs with AVX512-BF16, ``Linear4bit.forward`` in inference (eval mode, input without grad) repacks its
-    weight once into a CPU-only layout (nibbles reordered per 32 rows, absmax de-nested to bf16). Undo that
-    with bitsandbytes' own inverse (best effort: the absmax went through bf16 and is re-quantised, so the
-    weights differ slightly from the original NF4 ones) and switch the repacking off for this layer."""
+    weight once into a CPU-only layout (nibbles reordered per 32 rows, absmax de-nested, transposed, in bf16).
+    Undo that in place with :func:`mmts_fast.kernels.lora_mixture.nf4_unpack_cpu_format` (the one helper that
+    ``dequantize_nf4`` uses too) and switch the repacking off for this layer. The codes come back exactly; the
+    absmax stays what the repacked layer holds: bf16 values (the repack rounded them, which cannot be undone),
+    kept as fp32 and not nested again (re-nesting, as bitsandbytes' own inverse does, would add a second
+    quantisation error). The layer then computes ``code[nibble] * bf16(absmax)`` exactly, the weights its
+    repacked forward used."""
     if hasattr(lin, "support_avx512bf16_for_cpu"):
         lin.support_avx512bf16_for_cpu = False
     w = lin.weight
-    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    qs = getattr(w, "quant_state", None)
+    if not getattr(qs, "packing_format_for_cpu", False):
+        return
+    from mmts_fast.kernels.lora_mixture import nf4_unpack_cpu_format
 
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    flat, absmax, dtype = nf4_unpack_cpu_format(w.data, qs)
+    data = flat.reshape(getattr(qs, "original_qshape", (flat.numel(), 1)))
+    storage = getattr(qs, "original_storage_type", None)
+    if storage is not None and storage != torch.uint8:
+        data = data.view(storage)
+    # the QuantState object is updated in place: the module may hold it too (Linear4bit.quant_state)
+    qs.absmax, qs.dtype, qs.nested, qs.offset, qs.state2 = absmax, dtype, False, None, None
+    qs.packing_format_for_cpu = False
+    qs.original_nested = False
+    w.data = data
 
 
 def _kaiming_like_peft(t: Tensor) -> Tensor:
@@ -528,8 +543,9 @@ def _peft_config(mods: dict[str, LoRAMixtureLinear], model: nn.Module, dropout: 
     return LoraConfig(
         r=r0, lora_alpha=a0, target_modules=sorted(mods), lora_dropout=dropout, bias="none",
         use_rslora=rslora.pop(), base_model_name_or_path=name,
-        rank_pattern={n: r for n, r in ranks.items() if r != r0},
-        alpha_pattern={n: a for n, a in alphas.items() if a != a0})
+        # pattern keys are regexes to peft (and load_adapters): the module names, escaped
+        rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0})
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> Path:
@@ -583,11 +599,26 @@ def _strip(sd: dict) -> dict:
     return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in sd.items()}
 
 
+def _pattern_key(keys: Sequence[str], name: str) -> str:
+    """peft's ``rank_pattern`` / ``alpha_pattern`` rule (``peft.utils.other.get_pattern_key``): the keys are
+    regular expressions matched against the end of the module name at a ``.`` boundary,
+    ``re.match(rf"(.*\\.)?({key})$", name)``; the first key that matches wins, and without a match the name
+    itself is looked up."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
 def _pattern(pattern: dict, name: str, default):
-    for key, val in (pattern or {}).items():
-        if name == key or name.endswith("." + key):
-            return val
-    return default
+    """The value ``pattern`` (peft's ``rank_pattern`` / ``alpha_pattern``) gives module ``name``, else default."""
+    if not pattern:
+        return default
+    try:     # the installed peft's own rule when it has one, else the same rule, copied
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # pragma: no cover - older peft
+        get_pattern_key = _pattern_key
+    return pattern.get(get_pattern_key(list(pattern), name), default)
 
 
 @torch.no_grad()

@@ -243,6 +243,49 @@ def test_dequantize_nf4_bitwise(shape, dtype, nested):
                            want.view(torch.int16 if dtype != torch.float32 else torch.int32)), backend
 
 
+def _bf16_absmax_reference(packed, qs):
+    """bitsandbytes' own dequantize_4bit of the standard layout with the absmax rounded to bf16 (de-nested, as
+    bitsandbytes' CPU repack stores it): the NF4 tensor a repacked layer holds."""
+    bf = pytest.importorskip("bitsandbytes.functional")
+    absmax = bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+    held = bf.QuantState(absmax=absmax.to(torch.bfloat16).float(), shape=qs.shape, code=qs.code,
+                         blocksize=qs.blocksize, quant_type="nf4", dtype=qs.dtype)
+    return bf.dequantize_4bit(packed, held)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_nf4_cpu_layout(dtype, blocksize, nested):
+    """bitsandbytes' CPU-only layout (what Linear4bit.forward makes of the weight in inference on AVX512-BF16
+    CPUs; made here with bitsandbytes' own conversion, on any CPU): read as the NF4 tensor it holds, i.e. the
+    same codes with the absmax in bf16, bit for bit; the arguments are left as they are. It was read as the
+    standard layout before (IndexError, or wrong weights)."""
+    bf = pytest.importorskip("bitsandbytes.functional")
+    convert = getattr(bf, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU repacking (_convert_weight_packed_for_cpu)")
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(blocksize + nested)).to(dtype)
+    packed, qs = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    want = _bf16_absmax_reference(packed, qs)
+    before = bf.dequantize_4bit(packed, qs)
+    cpu_packed, cpu_qs = convert(*bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                                   compress_statistics=nested))
+    assert cpu_qs.packing_format_for_cpu and cpu_qs.dtype == torch.bfloat16 and cpu_packed.shape == (96, 128)
+    kept = cpu_packed.clone()
+    flat, absmax, out_dtype = lm.nf4_unpack_cpu_format(cpu_packed, cpu_qs)
+    assert torch.equal(flat, packed.reshape(-1)) and out_dtype == dtype       # the codes come back exactly
+    for backend in ("triton", "torch"):
+        with use_backend(backend):
+            got = lm.dequantize_nf4(cpu_packed, cpu_qs)
+        assert got.dtype == dtype and got.shape == (96, 256)
+        assert torch.equal(got, want), backend
+    assert torch.equal(cpu_packed, kept) and cpu_qs.packing_format_for_cpu and cpu_qs.absmax.dtype == torch.bfloat16
+    if dtype == torch.float32:      # the repack's bf16 absmax: at most 2^-8 relative per block
+        blk_max = before.reshape(-1, blocksize).abs().amax(1, keepdim=True)
+        assert ((got - before).reshape(-1, blocksize).abs() <= 2 ** -8 * blk_max).all()
+
+
 @pytest.mark.parametrize("form", ["params4bit", "pair_nested_bf16"])
 def test_nf4_weight(form):
     """NF4 base in the kernel (tiles dequantised on load, also transposed for dx) against the same

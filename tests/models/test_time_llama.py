@@ -229,6 +229,84 @@ def test_nf4_backbone_and_export_dense(tiny_dir, tmp_path):
     assert (tmp_path / "nf4.onnx").is_file()
 
 
+@pytest.mark.parametrize("repack", ["forward", "conversion"])
+def test_export_dense_after_bnb_cpu_repack(tiny_dir, repack):
+    """NF4 with D-LoRA on a subset (q, v): the other projections stay bare Linear4bit, which bitsandbytes repacks
+    into its CPU-only layout on the first eval/no-grad forward (CPUs with AVX512-BF16; forced here with
+    bitsandbytes' own conversion where the forward did not, so the test means the same on any CPU).
+    export_dense read that layout as standard NF4 (IndexError, or wrong weights); now every dense weight is the
+    NF4 weight its layer holds: the codes with the absmax the repack rounded to bf16 (bare layers), the
+    original NF4 weight (LoRA bases, kept in the standard layout)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    bf = bnb.functional
+    convert = getattr(bf, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU repacking (_convert_weight_packed_for_cpu)")
+
+    def held(w, bf16_absmax):
+        qs = w.quant_state
+        absmax = bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+        if bf16_absmax:
+            absmax = absmax.to(torch.bfloat16).float()
+        st = bf.QuantState(absmax=absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
+                           quant_type="nf4", dtype=qs.dtype)
+        return bf.dequantize_4bit(w.data, st)
+
+    m = make(tiny_dir, load_in_4bit=True, lora_targets=["q", "v"], top_n=1).eval()
+    bare = {n: mod for n, mod in m.backbone.named_modules()
+            if isinstance(mod, bnb.nn.Linear4bit) and not n.endswith(".base")}
+    assert len(bare) == 2 * 5                                        # k, o, gate, up, down of each layer
+    want = {n: held(mod.weight, n in bare) for n, mod in m.backbone.named_modules()
+            if isinstance(mod, bnb.nn.Linear4bit)}
+    if repack == "conversion":             # the forward in fp32 on the standard layout, the repack afterwards
+        for mod in bare.values():
+            mod.support_avx512bf16_for_cpu = False
+    x, xm = batch()
+    with torch.no_grad():
+        y = m(x, xm)                       # "forward": repacks the bare layers where the CPU has AVX512-BF16
+    for mod in bare.values():
+        w = mod.weight
+        if not getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = convert(w.data, w.quant_state)
+    with torch.no_grad():
+        assert m.export_dense() is m and not m.is_nf4
+        y_dense = m(x, xm)
+    dense = dict(m.backbone.named_modules())
+    for n, w in want.items():
+        assert type(dense[n]) is torch.nn.Linear and torch.equal(dense[n].weight, w), n
+    # y: bnb's CPU kernel in bf16 (AVX512-BF16 CPUs) or the weights before the repack (elsewhere)
+    torch.testing.assert_close(y_dense, y, atol=2 ** -6 * y.abs().max().item(), rtol=0)
+
+
+def test_fast_attention_runs_k3_in_the_backbone(tiny_dir, monkeypatch):
+    """apply_fast_attention on Time-LlaMA: every backbone layer runs K3 (the causal pattern as K3's causal flag,
+    no mask); the explicit additive 4-D mask sent them all to the eager fallback. Same outputs as without.
+    Exporting and bidirectional attention keep the explicit 4-D mask."""
+    from mmts_fast import ops
+    from mmts_fast.nn import apply_fast_attention, fast_attention as fa
+
+    m = make(tiny_dir).eval()
+    x, xm = batch()
+    with torch.no_grad():
+        y_ref = m(x, xm)
+    apply_fast_attention(m)
+    k3, eager = [], []
+    orig_k3, orig_eager = ops.gqa_attention, fa._eager
+    monkeypatch.setattr(ops, "gqa_attention",
+                        lambda q, k, *a, **kw: (k3.append(k.shape[2]), orig_k3(q, k, *a, **kw))[1])
+    monkeypatch.setattr(fa, "_eager", lambda *a, **kw: (eager.append(1), orig_eager(*a, **kw))[1])
+    with torch.no_grad():
+        y = m(x, xm)
+    assert k3.count(C) == m.config.n_llm_layers and not eager            # keys = the C variate tokens
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert m._attention_mask(C, torch.float32, "cpu", exporting=True).shape == (1, 1, C, C)
+    bi = make(tiny_dir, causal=False).eval()
+    with torch.no_grad():
+        y_bi = bi(x, xm)
+        apply_fast_attention(bi)
+        torch.testing.assert_close(bi(x, xm), y_bi, atol=1e-5, rtol=1e-5)
+
+
 def test_onnx_parity(tiny_dir, tmp_path, caplog):
     pytest.importorskip("onnxruntime")
     from mmts_fast.export import export_onnx, verify_onnx
