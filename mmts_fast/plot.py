@@ -15,19 +15,32 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = next(model.parameters()).device
+    from mmts_fast.train import input_dtype
+
+    C = len(ds.columns)
+    if not -C <= channel < C:
+        raise ValueError(f"channel {channel} is out of range for the {C} columns {list(ds.columns)}")
+    if ds.n_out_channels != C and channel % C != C - 1:   # "MS"/"S": the truth holds the target only
+        raise ValueError(f"channel {channel} ({ds.columns[channel]!r}) has no truth to plot: the data's "
+                         f"targets are only {ds.columns[-1]!r} (features 'MS'/'S'); use channel=-1")
+    device, dtype = next(model.parameters()).device, input_dtype(model)
+    was_training = model.training
     model.eval()
     idx = torch.linspace(0, len(ds) - 1, n_windows).round().long()
     x, y, xm, _ = ds.batch(idx)[:4]
     kw = {k: v.to(device) for k, v in ds.extras(idx).items()} if hasattr(ds, "extras") else {}
-    pred = model(x.to(device), xm.to(device), **kw).float().cpu()
+    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+    try:
+        pred = model(x.to(device, dtype), xm.to(device, dtype), **kw).float().cpu()
+    finally:
+        model.train(was_training)
     x, y, pred = ds.inverse_transform(x), ds.inverse_transform(y[:, -ds.horizon:]), ds.inverse_transform(pred)
     name = ds.columns[channel]
     fig, axes = plt.subplots(n_windows, 1, figsize=(10, 2.4 * n_windows), squeeze=False)
     L, H = ds.lookback, ds.horizon
     for ax, i in zip(axes[:, 0], range(n_windows)):
         ax.plot(range(-L, 0), x[i, :, channel], color="0.5", lw=1, label="lookback")
-        ax.plot(range(H), y[i, :, channel], color="k", lw=1.2, label="truth")
+        ax.plot(range(H), y[i, :, channel if y.shape[-1] == C else -1], color="k", lw=1.2, label="truth")
         ax.plot(range(H), pred[i, :, channel], color="tab:red", lw=1.2, label="forecast")
         ax.axvline(0, color="0.8", lw=0.8)
         ax.set_ylabel(name)

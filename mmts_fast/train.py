@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +28,8 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 8
     patience: int = 6
-    lr_decay: float = 0.5          # lr multiplied by this after every epoch (TSLib "type1")
+    lr_decay: float = 0.5          # lr multiplied by this after every epoch, from the first on (SPEC 1.1's
+                                   # "halved every epoch"; TSLib's "type1" keeps the base lr for two epochs)
     optimizer: str = "adam"        # "adam" | "adamw"
     grad_clip: Optional[float] = None   # max gradient norm (MoME's recipe: 1.0)
     fused_optimizer: bool = False  # PyTorch's fused Adam/AdamW kernel (faster, esp. on CPU; rounding differs
@@ -38,9 +40,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))
+            if name != "seed" and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, numbers.Real)
+                                               and math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.lr_decay > 0:
@@ -72,11 +83,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype to feed ``model``: float32 (the data's) when some of its weights are float32, else its
+    weights' dtype (a model moved with ``.double()``, ``.half()`` or ``.to(torch.bfloat16)``)."""
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return torch.float32 if not dtypes or torch.float32 in dtypes else dtypes[0]
+
+
 def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
-            generator: Optional[torch.Generator] = None, device=None) -> Iterator[tuple]:
+            generator: Optional[torch.Generator] = None, device=None, dtype=None) -> Iterator[tuple]:
     """Batches ``(x, y, x_mark, y_mark, extras)`` as TSLib's DataLoader gives them, gathered in one
     step each and moved to ``device``. ``extras`` is a dict of keyword inputs for the model (text
-    embeddings, ...) from ``ds.extras(indices)`` when the dataset has it, else empty."""
+    embeddings, ...) from ``ds.extras(indices)`` when the dataset has it, else empty. ``dtype``: the
+    model's inputs (x, x_mark and floating extras) are cast to it; the targets stay float32."""
     n = len(ds)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
@@ -85,6 +104,9 @@ def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop
         idx = order[i:i + batch_size]
         x, y, xm, ym = (t.to(device) for t in ds.batch(idx)[:4])   # Time-MMD adds text indices
         kw = {k: v.to(device) for k, v in extras(idx).items()} if extras is not None else {}
+        if dtype is not None:
+            x, xm = x.to(dtype), xm.to(dtype)
+            kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
         yield x, y, xm, ym, kw
 
 
@@ -96,7 +118,7 @@ def evaluate(model: nn.Module, ds: ForecastDataset, batch_size: int = 256, devic
     model.eval()
     sq = ab = 0.0
     count = 0
-    for x, y, xm, _, kw in iterate(ds, batch_size, device=device):
+    for x, y, xm, _, kw in iterate(ds, batch_size, device=device, dtype=input_dtype(model)):
         pred = model(x, xm, **kw).float()
         target = y[:, -ds.horizon:]
         if ds.n_out_channels != pred.shape[-1]:    # "MS": all channels in, the target out
@@ -148,7 +170,8 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
         for group in opt.param_groups:
             group["lr"] = lr
         total, te = 0.0, time.perf_counter()
-        bar = tqdm(iterate(train_ds, cfg.batch_size, shuffle=True, drop_last=True, generator=gen, device=device),
+        bar = tqdm(iterate(train_ds, cfg.batch_size, shuffle=True, drop_last=True, generator=gen, device=device,
+                           dtype=input_dtype(model)),
                    total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress, mininterval=0.5)
         for x, y, xm, _, kw in bar:
@@ -169,6 +192,9 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
             opt.step()
             total += loss.item()
         val = evaluate(model, val_ds, cfg.eval_batch_size, device)
+        if not math.isfinite(val["mse"]):
+            raise FloatingPointError(f"validation MSE became {val['mse']} at epoch {epoch} (the model's "
+                                     f"evaluation forward gives NaN/inf); try a lower learning rate (now {lr:g})")
         row = {"epoch": epoch, "lr": lr, "train_mse": total / steps_per_epoch, "val_mse": val["mse"],
                "val_mae": val["mae"], "epoch_s": time.perf_counter() - te}
         history.append(row)
