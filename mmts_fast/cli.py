@@ -260,7 +260,7 @@ def cmd_train(args) -> dict:
         model = klass(config)
         tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
                            seed=args.seed, device=args.device, progress=not args.quiet,
-                           fused_optimizer=args.fused_optimizer, **recipe)
+                           fused_optimizer=args.fused_optimizer, lr_schedule=args.lr_schedule, **recipe)
     except ValueError as e:
         hint = " (set it with --top-k, at most --experts)" if "top_k" in str(e) else ""
         raise SystemExit(f"error: {e}{hint}")
@@ -303,7 +303,8 @@ def _train_mola(args, spec, train, val, test, remove_old_run=None) -> dict:
     tr1, va1, te1, _ = build_datasets({**spec, "horizon": 1})   # a bad one is main()'s one-line error
     klass = get_model_class(BACKBONES[args.backbone])
     common = dict(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-                  device=args.device, progress=not args.quiet, fused_optimizer=args.fused_optimizer)
+                  device=args.device, progress=not args.quiet, fused_optimizer=args.fused_optimizer,
+                  lr_schedule=args.lr_schedule)
     try:
         torch.manual_seed(args.seed)
         backbone = klass(_config(klass, _model_options(args, train, horizon=1)))
@@ -446,6 +447,9 @@ def _train_args(p: argparse.ArgumentParser, out_required: bool = True, out_defau
     p.add_argument("--lr", type=float, default=None, help="learning rate (MoLE recipe: 0.005; MoME, LLM-TS Net: "
                    "1e-3); with --model mola it sets stage 1 only (stage 2: --stage2-lr)")
     p.add_argument("--lr-decay", type=float, default=None, help="lr factor per epoch, > 0 (default 0.5)")
+    p.add_argument("--lr-schedule", choices=["every", "tslib"], default="every",
+                   help="every: decay after every epoch (default, SPEC's recipe); tslib: as Time-Series-Library's "
+                        "type1 runs, the base lr for the first two epochs")
     p.add_argument("--epochs", type=int, default=40, help="most epochs; early stopping may end sooner "
                    "(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size (default %(default)s)")

@@ -28,8 +28,9 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 8
     patience: int = 6
-    lr_decay: float = 0.5          # lr multiplied by this after every epoch, from the first on (SPEC 1.1's
-                                   # "halved every epoch"; TSLib's "type1" keeps the base lr for two epochs)
+    lr_decay: float = 0.5          # lr multiplied by this after every epoch (SPEC 1.1: "halved every epoch")
+    lr_schedule: str = "every"     # "every": epoch e trains at lr * decay**(e-1); "tslib": Time-Series-Library's
+                                   # "type1" as its loop calls it (the base lr for epochs 1 and 2, then decayed)
     optimizer: str = "adam"        # "adam" | "adamw"
     grad_clip: Optional[float] = None   # max gradient norm (MoME's recipe: 1.0)
     fused_optimizer: bool = False  # PyTorch's fused Adam/AdamW kernel (faster, esp. on CPU; rounding differs
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.lr_decay > 0:
             raise ValueError(f"lr_decay must be > 0, got {self.lr_decay}")
+        if self.lr_schedule not in ("every", "tslib"):
+            raise ValueError(f"lr_schedule must be 'every' or 'tslib', got {self.lr_schedule!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
 
@@ -166,7 +169,7 @@ def fit(model: nn.Module, train_ds: ForecastDataset, val_ds: ForecastDataset, te
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        lr = cfg.lr * cfg.lr_decay ** (epoch - 1)
+        lr = cfg.lr * cfg.lr_decay ** (epoch - 1 if cfg.lr_schedule == "every" else max(epoch - 2, 0))
         for group in opt.param_groups:
             group["lr"] = lr
         total, te = 0.0, time.perf_counter()

@@ -27,6 +27,7 @@ def _model(C=3):
     ({"patience": 1.5}, "patience must be an integer"),
     ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
     ({"seed": 2 ** 33}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"lr_schedule": "type1"}, "lr_schedule must be 'every' or 'tslib'"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -75,3 +76,13 @@ def test_plot_restores_training_mode_and_checks_the_channel(tmp_path):
         plot_forecasts(model, test, tmp_path / "x.png", channel=3)
     assert plot_forecasts(model.double(), test, tmp_path / "f64.png").exists()
     assert evaluate(model, test)["mse"] > 0
+
+
+@pytest.mark.parametrize("schedule,want", [("every", [0.005, 0.0025, 0.00125]), ("tslib", [0.005, 0.005, 0.0025])])
+def test_lr_schedules(schedule, want):
+    """'every' halves after each epoch (SPEC 1.1); 'tslib' is TSLib's type1 as its loop calls it
+    (adjust_learning_rate(epoch + 1) after each epoch: the base lr for two epochs)."""
+    train, val, test = _splits()
+    cfg = TrainConfig(epochs=3, patience=10, batch_size=64, progress=False, device="cpu", lr_schedule=schedule)
+    history = fit(_model(), train, val, None, cfg, log=lambda *a: None)["history"]
+    assert [row["lr"] for row in history] == pytest.approx(want)
