@@ -89,6 +89,14 @@ class NF4State(NamedTuple):
 CPU_BLOCK_N = 32   # the row-block size of bitsandbytes' CPU layout (its default, what Linear4bit.forward uses)
 
 
+def nf4_dtype(quant_state) -> torch.dtype:
+    """The dtype an NF4 ``QuantState`` dequantises to: ``quant_state.dtype``, except in bitsandbytes' CPU layout
+    (:func:`nf4_unpack_cpu_format`), which sets it to bf16 and keeps the original in ``original_dtype``."""
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return getattr(quant_state, "original_dtype", None) or quant_state.dtype
+    return quant_state.dtype
+
+
 def nf4_unpack_cpu_format(packed: Tensor, quant_state) -> tuple[Tensor, Tensor, torch.dtype]:
     """Undo bitsandbytes' CPU-only NF4 layout (``quant_state.packing_format_for_cpu``), leaving both arguments as
     they are. Returns ``(bytes, absmax, dtype)``: the flat uint8 data in the standard layout, the per-block
@@ -122,8 +130,7 @@ def nf4_unpack_cpu_format(packed: Tensor, quant_state) -> tuple[Tensor, Tensor, 
     codes = torch.cat([rows & 15, rows >> 4], dim=-1)                         # [N/32 * K/2, 64]
     codes = codes.reshape(N // CPU_BLOCK_N, K // 2, CPU_BLOCK_N, 2).transpose(1, 2).reshape(-1)  # row-major [N*K]
     std = (codes[0::2] << 4) | codes[1::2]                                    # first value in the high nibble
-    dtype = getattr(qs, "original_dtype", None) or qs.dtype
-    return std.contiguous(), absmax.T.reshape(-1).float(), dtype
+    return std.contiguous(), absmax.T.reshape(-1).float(), nf4_dtype(qs)
 
 
 def nf4_state(packed: Tensor, quant_state) -> NF4State:
@@ -133,13 +140,12 @@ def nf4_state(packed: Tensor, quant_state) -> NF4State:
     if getattr(qs, "quant_type", None) != "nf4":
         raise ValueError(f"NF4 weights: only NF4 4-bit weights are supported (quant_type='nf4'), got quant_type="
                          f"{getattr(qs, 'quant_type', None)!r}")
-    cpu_format = bool(getattr(qs, "packing_format_for_cpu", False))
-    dtype = (getattr(qs, "original_dtype", None) or qs.dtype) if cpu_format else qs.dtype
+    dtype = nf4_dtype(qs)
     if dtype not in _DTYPES:
         raise ValueError(f"NF4 weights: the dequantised dtype must be fp32/bf16/fp16, got {dtype}")
     shape = tuple(int(s) for s in qs.shape)
     code = qs.code.float()
-    if cpu_format:
+    if getattr(qs, "packing_format_for_cpu", False):
         flat, absmax, _ = nf4_unpack_cpu_format(packed, qs)
         return NF4State(flat, [absmax, code], shape, int(qs.blocksize), 0, dtype)
     flat = packed.reshape(-1)

@@ -64,6 +64,8 @@ def weight_stats(model: nn.Module) -> dict[str, Any]:
       ``bytes_total`` = both. ``bytes_if_dense``: the same parameters all dense (NF4 ones at their
       de-quantised dtype). Buffers (rotary tables) are not weights and are not counted.
     """
+    from mmts_fast.kernels.lora_mixture import nf4_dtype
+
     seen: set[tuple[int, int]] = set()
 
     def once(t: torch.Tensor) -> int:
@@ -84,11 +86,7 @@ def weight_stats(model: nn.Module) -> dict[str, Any]:
             n += numel
             n4 += numel
             b_4bit += once(p) + sum(once(t) for t in _quant_state_tensors(qs))
-            # bitsandbytes' CPU layout (packing_format_for_cpu) sets dtype to bf16, the original kept aside
-            dq = qs.dtype
-            if getattr(qs, "packing_format_for_cpu", False):
-                dq = getattr(qs, "original_dtype", None) or dq
-            b_if_dense += numel * torch.empty((), dtype=dq).element_size()
+            b_if_dense += numel * torch.empty((), dtype=nf4_dtype(qs)).element_size()
         else:
             n += p.numel()
             sz = once(p)
