@@ -15,7 +15,7 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmts_fast.train import input_dtype
+    from mmts_fast.train import gather, input_dtype
 
     C = len(ds.columns)
     if not -C <= channel < C:
@@ -23,18 +23,15 @@ def plot_forecasts(model, ds, path, n_windows: int = 4, channel: int = -1) -> Pa
     if ds.n_out_channels != C and channel % C != C - 1:   # "MS"/"S": the truth holds the target only
         raise ValueError(f"channel {channel} ({ds.columns[channel]!r}) has no truth to plot: the data's "
                          f"targets are only {ds.columns[-1]!r} (features 'MS'/'S'); use channel=-1")
-    device, dtype = next(model.parameters()).device, input_dtype(model)
     was_training = model.training
     model.eval()
     idx = torch.linspace(0, len(ds) - 1, n_windows).round().long()
-    x, y, xm, _ = ds.batch(idx)[:4]
-    kw = {k: v.to(device) for k, v in ds.extras(idx).items()} if hasattr(ds, "extras") else {}
-    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+    x, y, xm, _, kw = gather(ds, idx, next(model.parameters()).device, input_dtype(model))
     try:
-        pred = model(x.to(device, dtype), xm.to(device, dtype), **kw).float().cpu()
+        pred = model(x, xm, **kw)
     finally:
         model.train(was_training)
-    x, y, pred = ds.inverse_transform(x), ds.inverse_transform(y[:, -ds.horizon:]), ds.inverse_transform(pred)
+    x, y, pred = (ds.inverse_transform(t.float().cpu()) for t in (x, y[:, -ds.horizon:], pred))
     name = ds.columns[channel]
     fig, axes = plt.subplots(n_windows, 1, figsize=(10, 2.4 * n_windows), squeeze=False)
     L, H = ds.lookback, ds.horizon

@@ -102,15 +102,20 @@ def iterate(ds: ForecastDataset, batch_size: int, *, shuffle: bool = False, drop
     n = len(ds)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
-    extras = getattr(ds, "extras", None)
     for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
-        x, y, xm, ym = (t.to(device) for t in ds.batch(idx)[:4])   # Time-MMD adds text indices
-        kw = {k: v.to(device) for k, v in extras(idx).items()} if extras is not None else {}
-        if dtype is not None:
-            x, xm = x.to(dtype), xm.to(dtype)
-            kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
-        yield x, y, xm, ym, kw
+        yield gather(ds, order[i:i + batch_size], device, dtype)
+
+
+def gather(ds: ForecastDataset, idx: torch.Tensor, device=None, dtype=None) -> tuple:
+    """The windows ``idx`` of ``ds`` as one batch ``(x, y, x_mark, y_mark, extras)`` on ``device``, the
+    model's inputs (x, x_mark and floating extras) cast to ``dtype`` when given (see :func:`iterate`)."""
+    x, y, xm, ym = (t.to(device) for t in ds.batch(idx)[:4])   # Time-MMD adds text indices
+    extras = getattr(ds, "extras", None)
+    kw = {k: v.to(device) for k, v in extras(idx).items()} if extras is not None else {}
+    if dtype is not None:
+        x, xm = x.to(dtype), xm.to(dtype)
+        kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+    return x, y, xm, ym, kw
 
 
 @torch.no_grad()
