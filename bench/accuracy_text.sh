@@ -75,6 +75,12 @@ E=$DATA/ETT/ETTh1.csv
   echo "$P --lr 0.001 --output-form code --out $ROOT/text_etth1_pub/lemole_pub_code_lr1e-3_H96_s2021"
   echo "$P --lr 0.0001 --no-text --out $ROOT/text_etth1_pub/lemole_pub_notext_H96_s2021"
   echo "$P --lr 0.001 --no-text --out $ROOT/text_etth1_pub/lemole_pub_notext_lr1e-3_H96_s2021"
+  # The same model with SmolLM2's last-token states as the embeddings (SPEC 1.2's "LLM -> last-token hidden state";
+  # encoding the 14,400 prompts takes ~35 min on one CPU thread), MoLE's recipe and the public one.
+  S="--model lemole --data $E --lookback 512 --horizon 96 --text-encoder smollm2 --seed 2021"
+  echo "$S --out $ROOT/text_etth1_pub/lemole_smollm2_H96_s2021"
+  echo "$P --text-encoder smollm2 --lr 0.0001 --out $ROOT/text_etth1_pub/lemole_smollm2_pub_H96_s2021"
+  echo "$P --text-encoder smollm2 --lr 0.0001 --output-form code --out $ROOT/text_etth1_pub/lemole_smollm2_pub_code_H96_s2021"
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
