@@ -63,13 +63,14 @@ E=$DATA/ETT/ETTh1.csv
   # ETTh1, L=512, H=96: LeMoLE as specified (static + dynamic prompts) trained with its public code's recipe
   # (run.py defaults: Adam lr 1e-4, batch 16, patience 3, 10 epochs, TSLib type1 lr schedule), both output forms;
   # the code form also at lr 3e-4 and the paper form at 3e-4 / 1e-3 (the seed-2021 rows of the lr check).
+  R="--model lemole --data $E --lookback 512 --horizon 96 --batch-size 16 --patience 3 --epochs 10 --lr-schedule tslib"
   for S in 2021 2022 2023; do
-    P="--model lemole --data $E --lookback 512 --horizon 96 --batch-size 16 --patience 3 --epochs 10 --lr-schedule tslib --seed $S"
+    P="$R --seed $S"
     echo "$P --lr 0.0001 --out $ROOT/text_etth1_pub/lemole_pub_H96_s$S"
     echo "$P --lr 0.0001 --output-form code --out $ROOT/text_etth1_pub/lemole_pub_code_H96_s$S"
     echo "$P --lr 0.0003 --output-form code --out $ROOT/text_etth1_pub/lemole_pub_code_lr3e-4_H96_s$S"
   done
-  P="--model lemole --data $E --lookback 512 --horizon 96 --batch-size 16 --patience 3 --epochs 10 --lr-schedule tslib --seed 2021"
+  P="$R --seed 2021"
   echo "$P --lr 0.0003 --out $ROOT/text_etth1_pub/lemole_pub_lr3e-4_H96_s2021"
   echo "$P --lr 0.001 --out $ROOT/text_etth1_pub/lemole_pub_lr1e-3_H96_s2021"
   echo "$P --lr 0.001 --output-form code --out $ROOT/text_etth1_pub/lemole_pub_code_lr1e-3_H96_s2021"
@@ -77,8 +78,7 @@ E=$DATA/ETT/ETTh1.csv
   echo "$P --lr 0.001 --no-text --out $ROOT/text_etth1_pub/lemole_pub_notext_lr1e-3_H96_s2021"
   # The same model with SmolLM2's last-token states as the embeddings (SPEC 1.2's "LLM -> last-token hidden state";
   # encoding the 14,400 prompts takes ~35 min on one CPU thread), MoLE's recipe and the public one.
-  S="--model lemole --data $E --lookback 512 --horizon 96 --text-encoder smollm2 --seed 2021"
-  echo "$S --out $ROOT/text_etth1_pub/lemole_smollm2_H96_s2021"
+  echo "--model lemole --data $E --lookback 512 --horizon 96 --text-encoder smollm2 --seed 2021 --out $ROOT/text_etth1_pub/lemole_smollm2_H96_s2021"
   echo "$P --text-encoder smollm2 --lr 0.0001 --out $ROOT/text_etth1_pub/lemole_smollm2_pub_H96_s2021"
   echo "$P --text-encoder smollm2 --lr 0.0001 --output-form code --out $ROOT/text_etth1_pub/lemole_smollm2_pub_code_H96_s2021"
 } | while read -r ARGS; do
