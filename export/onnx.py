@@ -127,6 +127,33 @@ def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data, ex
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)   # "legacy exporter": we know, see the log
             torch.onnx.export(wrapper, args, str(out_file), dynamo=False, dynamic_axes=axes, **common)
+        _restore_unused_inputs(out_file, names, args, axes)
+
+
+def _restore_unused_inputs(out_file, names, args, axes) -> None:
+    """The TorchScript exporter leaves out inputs the graph never reads (LeMoLE's ``x_mark_enc``); put them
+    back in their place, with the example's dtype and the same dynamic axes, so that the file takes the same
+    inputs whichever exporter wrote it (ONNX allows an input no node consumes; ONNX Runtime accepts its feed)."""
+    import onnx
+    from onnx import helper
+
+    if not out_file.is_file():
+        return
+    m = onnx.load(str(out_file), load_external_data=False)
+    present = {i.name: i for i in m.graph.input}
+    if all(n in present for n in names):
+        return
+    inputs = []
+    for n, t in zip(names, args):
+        if n in present:
+            inputs.append(present.pop(n))
+            continue
+        shape = [axes[n].get(d, size) for d, size in enumerate(t.shape)]
+        inputs.append(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(t.detach().cpu().numpy().dtype), shape))
+    inputs += present.values()   # anything else the exporter lists (initialisers kept as inputs), after ours
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    onnx.save(m, str(out_file))
 
 
 def export_onnx(model: nn.Module, path, *, lookback: Optional[int] = None, channels: Optional[int] = None,

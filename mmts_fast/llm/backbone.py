@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mmts_fast.text.encoders import (BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4,
-                                     load_hf_tokenizer)
+                                     gguf_arch_values, load_hf_tokenizer)
 
 __all__ = ["load_backbone", "load_tokenizer", "weight_stats", "memory_report"]
 
@@ -127,48 +127,6 @@ def load_tokenizer(name_or_path: str | os.PathLike = "smollm2"):
     return load_hf_tokenizer(path, gguf)
 
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _gguf_block_count(file: Path) -> int | None:
-    """``<architecture>.block_count`` from a GGUF file's key-value header, read directly (the file's
-    metadata comes first; ``gguf.GGUFReader`` would also index every tensor, seconds for SmolLM2)."""
-    import struct
-
-    with open(file, "rb") as f:
-        def read(fmt):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def string():
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def value(kind):
-            if kind == 8:
-                return string()
-            if kind == 9:                                 # array: element type, count, elements
-                sub, n = read("I"), read("Q")
-                if sub in _GGUF_SCALARS:
-                    f.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
-                else:
-                    for _ in range(n):
-                        value(sub)
-                return None
-            return read(_GGUF_SCALARS[kind])
-
-        if f.read(4) != b"GGUF" or read("I") < 2:
-            return None
-        read("Q")                                         # tensor count
-        arch = None
-        for _ in range(read("Q")):                        # key-value pairs
-            key = string()
-            v = value(read("I"))
-            if key == "general.architecture":
-                arch = v
-            elif arch is not None and key == f"{arch}.block_count":
-                return int(v)
-    return None
-
-
 def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | None = None,
                   dtype: torch.dtype = torch.float32, load_in_4bit: bool = False, *, lm_head: bool = False,
                   device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -208,7 +166,7 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
             raise ImportError("loading a GGUF model needs the gguf package: pip install gguf") from e
         kwargs["gguf_file"] = gguf
         if n_layers is not None:   # the header's layer count, before any weight is read
-            total = _gguf_block_count(path / gguf)
+            total = gguf_arch_values(path / gguf, "block_count").get("block_count")
     else:
         total = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
     if n_layers is not None and total is not None and n_layers > total:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder", "mean_pool", "last_token_pool", "pad_tokens", "package_dir", "model_fingerprint"]
+__all__ = ["TextEncoder", "mean_pool", "last_token_pool", "pad_tokens", "package_dir", "model_fingerprint",
+           "gguf_arch_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,54 @@ def _package_version(pip_name: str) -> str | None:
         return importlib.metadata.version(pip_name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_arch_values(file: str | Path, *keys: str) -> dict[str, Any]:
+    """``{key: value}`` of the architecture's scalar header entries ``<architecture>.<key>`` of a GGUF file
+    (``"block_count"``, ``"embedding_length"``, ...), read straight from its key-value header, which comes
+    first in the file: milliseconds, where ``gguf.GGUFReader`` indexes every tensor and transformers'
+    ``AutoConfig`` also converts the tokenizer's vocabulary (seconds for SmolLM2). Reading stops once every key
+    is found; keys the file lacks are left out, and a file that is not GGUF (v2 or later) gives ``{}``."""
+    import struct
+
+    found: dict[str, Any] = {}
+    with open(file, "rb") as f:
+        def read(fmt):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string():
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:                                 # array: element type, count, elements
+                sub, n = read("I"), read("Q")
+                if sub in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
+                else:
+                    for _ in range(n):
+                        value(sub)
+                return None
+            return read(_GGUF_SCALARS[kind])
+
+        if f.read(4) != b"GGUF" or read("I") < 2:
+            return found
+        read("Q")                                         # tensor count
+        arch = None
+        for _ in range(read("Q")):                        # key-value pairs
+            key = string()
+            v = value(read("I"))
+            if key == "general.architecture":
+                arch = v
+            elif arch is not None and key.startswith(arch + ".") and key[len(arch) + 1:] in keys:
+                found[key[len(arch) + 1:]] = v
+                if len(found) == len(set(keys)):
+                    break
+    return found
 
 
 def model_fingerprint(path: str | Path, gguf_file: str | None = None) -> str:
@@ -267,9 +316,14 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        """Hidden size; read from the config (the model itself is not loaded)."""
+        """Hidden size; read from the config, or a GGUF file's header (the model itself is not loaded)."""
         if self._dim is None:
-            self._dim = int(self._config_value("hidden_size", "d_model", "n_embd", "dim"))
+            width = None
+            if self._model is None and self.gguf_file is not None:
+                width = gguf_arch_values(self.path / self.gguf_file, "embedding_length").get("embedding_length")
+            if width is None:
+                width = self._config_value("hidden_size", "d_model", "n_embd", "dim")
+            self._dim = int(width)
         return self._dim
 
     @property

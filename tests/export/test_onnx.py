@@ -256,10 +256,29 @@ def test_lemole_table_form_exports_through_export_inputs(tmp_path):
         assert verify_onnx(model, path, x, xm, extra_inputs=feeds) <= ATOL
 
 
-def test_fallback_file_is_checked(tmp_path, monkeypatch):
-    """The TorchScript exporter drops inputs the graph does not read (LeMoLE's x_mark_enc): its file is
-    checked like any other, and refused whole."""
+def test_fallback_keeps_unused_inputs(tmp_path, monkeypatch, caplog):
+    """The TorchScript exporter leaves out inputs the graph never reads (LeMoLE's x_mark_enc); the fallback
+    puts them back, so its file takes the same inputs as the dynamo one and runs in ONNX Runtime."""
     _without_dynamo(monkeypatch)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = _lemole()
+    _, extra = _table_inputs(2)
+    path = export_onnx(model, tmp_path / "m.onnx", extra_inputs=extra)
+    assert "with the torchscript exporter" in caplog.text
+    graph = check_graph(path).graph
+    assert [i.name for i in graph.input] == ["x_enc", "x_mark_enc", "static_emb", "dynamic_emb"]
+    dims = graph.input[1].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [12, F]
+    for b in (2, 5):
+        x, extra = _table_inputs(b, seed=b)
+        assert verify_onnx(model, path, x, torch.rand(b, 12, F) - 0.5, extra_inputs=extra) <= ATOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_fallback_file_is_checked(tmp_path, monkeypatch):
+    """A file the fallback writes is checked like any other, and refused whole (here: the unused input left out)."""
+    _without_dynamo(monkeypatch)
+    monkeypatch.setattr(onnx_export, "_restore_unused_inputs", lambda *a: None)
     _, extra = _table_inputs(2)
     with pytest.raises(ValueError, match=r"torchscript exporter wrote a graph that breaks the contract .*"
                                          r"expected \['x_enc', 'x_mark_enc'\] first"):

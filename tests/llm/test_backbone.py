@@ -180,19 +180,22 @@ def test_smollm2_tokenizer(smol):
         load_tokenizer("no-such-model")
 
 
-def test_gguf_block_count_reads_the_header(tmp_path):
-    """The layer count comes from the key-value header, past arrays of strings and numbers."""
+def test_gguf_header_values(tmp_path):
+    """Architecture entries come from the key-value header, past arrays of strings and numbers."""
     gguf = pytest.importorskip("gguf")
-    from mmts_fast.llm.backbone import _gguf_block_count
+    from mmts_fast.text.encoders import gguf_arch_values
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
     w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
     w.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
     w.add_block_count(7)
+    w.add_embedding_length(40)
     w.add_tensor("t", torch.zeros(4).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert _gguf_block_count(tmp_path / "m.gguf") == 7
+    assert gguf_arch_values(tmp_path / "m.gguf", "block_count") == {"block_count": 7}
+    assert gguf_arch_values(tmp_path / "m.gguf", "embedding_length", "block_count", "no_such_key") == {
+        "block_count": 7, "embedding_length": 40}
     (tmp_path / "not.gguf").write_bytes(b"nope" * 10)
-    assert _gguf_block_count(tmp_path / "not.gguf") is None
+    assert gguf_arch_values(tmp_path / "not.gguf", "block_count") == {}

