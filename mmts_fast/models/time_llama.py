@@ -22,9 +22,10 @@ Our choices where the paper is silent:
   D-LoRA routers pool. ``causal=False`` gives bidirectional attention (an explicit all-visible 4-D mask).
   Either way the mask is passed as an explicit additive 4-D mask, so the eager and SDPA attention
   implementations agree and the ONNX graph holds no mask-building logic; the one exception is a backbone
-  switched to K3 by :func:`~mmts_fast.nn.apply_fast_attention` with causal attention, outside export: it gets
-  ``attention_mask=None`` (plain causal, no padding), which K3's mask function turns into K3's causal flag (a
-  4-D mask would send every layer to the eager fallback).
+  switched to K3 by :func:`~mmts_fast.nn.apply_fast_attention`, outside export: it gets ``attention_mask=None``
+  (no padding), which K3 runs from its causal flag: the attention modules' ``is_causal``, which
+  ``causal=False`` sets to False in every decoder layer (a 4-D mask would send every layer to the eager
+  fallback).
 * Prompt: tokenised once at construction (no special tokens, at most ``max_prompt_tokens``); the ids are
   written into ``config.prompt_token_ids`` so a saved model reloads without a tokenizer. The prompt
   embeddings ``[T, d]`` are a non-persistent fp32 buffer looked up at construction; afterwards the embedding
@@ -231,6 +232,14 @@ class TimeLlaMA(ForecastModel):
         self.variate_mlp = nn.Sequential(nn.Linear(L, d), nn.GELU(), nn.Linear(d, d))
         self.cross_attn = GQAttention(d, config.n_heads, config.n_kv_heads, d_context=d)
         self.backbone = backbone
+        # Bidirectional attention: the attention modules' own flag says so, which K3 reads when it gets no mask
+        # (fast attention, outside export); every other path keeps the explicit all-visible 4-D mask.
+        layers = list(getattr(backbone, "layers", None) or [])
+        flags = [[m for m in layer.modules() if isinstance(getattr(m, "is_causal", None), bool)] for layer in layers]
+        self._attention_flagged = bool(flags) and all(flags)       # every decoder layer's attention has the flag
+        if not config.causal:
+            for m in (m for f in flags for m in f):
+                m.is_causal = False
         self.dlora = apply_dlora(backbone, config.lora_targets, rank=config.lora_rank, top_n=config.top_n,
                                  alpha=config.lora_alpha, renormalize=config.renormalize_gates,
                                  dropout=config.lora_dropout)
@@ -245,13 +254,14 @@ class TimeLlaMA(ForecastModel):
     # ---- forward ------------------------------------------------------------------------
     def _attention_mask(self, C: int, dtype: torch.dtype, device, exporting: bool = False) -> Optional[Tensor]:
         """Additive ``[1, 1, C, C]`` mask: 0 where visible, the dtype's most negative value elsewhere. None when
-        the backbone runs K3 (``apply_fast_attention``), attention is causal and no export is being traced: the
-        pattern is then plain causal without padding, which K3 computes from its causal flag (the same result;
-        a 4-D mask would make every layer fall back to eager attention)."""
+        the backbone runs K3 (``apply_fast_attention``) and no export is being traced: the pattern is then causal
+        or all-visible without padding, which K3 computes from its causal flag (the attention modules'
+        ``is_causal``, set at construction; the same result, where a 4-D mask would make every layer fall back
+        to eager attention)."""
         from mmts_fast.nn.fast_attention import ATTN_IMPLEMENTATION
 
-        if (self.config.causal and not exporting
-                and getattr(self.backbone.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION):
+        if (not exporting and getattr(self.backbone.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+                and (self.config.causal or self._attention_flagged)):
             return None
         m = torch.zeros(C, C, dtype=dtype, device=device)
         if self.config.causal:

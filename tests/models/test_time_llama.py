@@ -279,9 +279,9 @@ def test_export_dense_after_bnb_cpu_repack(tiny_dir, repack):
 
 
 def test_fast_attention_runs_k3_in_the_backbone(tiny_dir, monkeypatch):
-    """apply_fast_attention on Time-LlaMA: every backbone layer runs K3 (the causal pattern as K3's causal flag,
-    no mask); the explicit additive 4-D mask sent them all to the eager fallback. Same outputs as without.
-    Exporting and bidirectional attention keep the explicit 4-D mask."""
+    """apply_fast_attention on Time-LlaMA: every backbone layer runs K3 (causal or bidirectional as K3's causal
+    flag, no mask); the explicit additive 4-D mask sent them all to the eager fallback. Same outputs as without.
+    Exporting keeps the explicit 4-D mask."""
     from mmts_fast import ops
     from mmts_fast.nn import apply_fast_attention, fast_attention as fa
 
@@ -300,11 +300,16 @@ def test_fast_attention_runs_k3_in_the_backbone(tiny_dir, monkeypatch):
     assert k3.count(C) == m.config.n_llm_layers and not eager            # keys = the C variate tokens
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     assert m._attention_mask(C, torch.float32, "cpu", exporting=True).shape == (1, 1, C, C)
+    # bidirectional: K3 too (non-causal), the same outputs as the explicit all-visible mask, which differ from causal
     bi = make(tiny_dir, causal=False).eval()
     with torch.no_grad():
         y_bi = bi(x, xm)
         apply_fast_attention(bi)
+        k3.clear()
         torch.testing.assert_close(bi(x, xm), y_bi, atol=1e-5, rtol=1e-5)
+    assert k3.count(C) == bi.config.n_llm_layers and not eager
+    assert (y_bi - y_ref).abs().max() > 1e-3
+    assert bi._attention_mask(C, torch.float32, "cpu", exporting=True).eq(0).all()
 
 
 def test_onnx_parity(tiny_dir, tmp_path, caplog):
