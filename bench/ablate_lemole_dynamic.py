@@ -9,7 +9,13 @@ trains the same model through ``mmts-fast train`` with ONE change to the dynamic
                   training rows (the projection can then only read the K leading directions);
 - ``no-year``     prompts without the year ("This is Time Series from 07-01 00:00 to 07-01 01:00");
 - ``lr-scale:S``  the dynamic branch's effective Adam learning rate scaled by S (its weights are
-                  parameterised as ``S * W'``; Adam's step is invariant to the gradient's scale).
+                  parameterised as ``S * W'``; Adam's step is invariant to the gradient's scale);
+- ``plain-gamma`` the public code's FiLM: gamma = ``Linear(...)`` itself, not ``1 + Linear(...)``, in both
+                  FiLMs (with our near-zero init, each FiLM branch then starts near beta, not near Y);
+- ``span:N``      each step's prompt spans N steps ("from {t} to {t + (N-1) step}"), our reading of the
+                  public code's ``preprocess_dynamic.py`` with N = the lookback (ours: N = 2, one step).
+
+Variants combine with ``+`` (``plain-gamma+span:512``).
 
 Usage (one run; the other arguments go to ``mmts-fast train``):
 
@@ -17,7 +23,7 @@ Usage (one run; the other arguments go to ``mmts-fast train``):
         --horizon 96 --seed 2021 --out runs/lemole_dynamic_ablation/pca8_s2021
 
 then ``python bench/summarize_runs.py runs/lemole_dynamic_ablation``. A study script, not a package
-option: none of these variants beat the model without text (RESULTS.md).
+option: none of these variants beats the model without text on validation MSE (RESULTS.md).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import mmts_fast.text.prompts as prompts
 from mmts_fast.cli import main as cli_main
 from mmts_fast.models.lemole import LeMoLE
 
-VARIANTS = ("dropout:P", "pca:K", "no-year", "lr-scale:S")
+VARIANTS = ("dropout:P", "pca:K", "no-year", "lr-scale:S", "plain-gamma", "span:N")
 
 
 def _after_init(extra):
@@ -77,8 +83,50 @@ def _low_rank(k: int):
     conditioning._lemole_extras = patched
 
 
+def _plain_gamma():
+    """gamma = the Linear's output (the identity FiLM's 1 taken off the gamma half of both FiLMs)."""
+    dynamic_film = LeMoLE._dynamic_film
+
+    def patched(self, B, L, dtype, emb, table, index):
+        gb = dynamic_film(self, B, L, dtype, emb, table, index)                       # [B, 2C, H]
+        C = self.config.channels
+        return torch.cat([gb[:, :C] - 1, gb[:, C:]], dim=1)
+    LeMoLE._dynamic_film = patched
+
+    def static(m):
+        if not m.config.use_static:
+            return
+        CH = m.config.channels * m.config.horizon
+        shift = torch.cat([torch.ones(CH), torch.zeros(CH)])                    # view(-1, 2C, H): gamma first
+        m.static_film.register_forward_hook(lambda mod, inp, out: out - shift.to(out))
+    _after_init(static)
+
+
+def _span(n: int):
+    """Each step's prompt ends n - 1 steps after it."""
+    dynamic_prompts = prompts.dynamic_prompts
+
+    def patched(dates, freq=None):
+        dates = prompts._as_datetimes(dates)
+        step = prompts._infer_step(dates) if freq is None else prompts.freq_step(freq)
+        one = dynamic_prompts(dates, step)
+        ends = dynamic_prompts(dates, step * (n - 1))
+        return [a.rsplit(" to ", 1)[0] + " to " + b.rsplit(" to ", 1)[1] for a, b in zip(one, ends)]
+    conditioning.dynamic_prompts = patched
+
+
 def apply(variant: str) -> None:
+    if "+" in variant:
+        for v in variant.split("+"):
+            apply(v)
+        return
     name, _, value = variant.partition(":")
+    if name == "plain-gamma":
+        _plain_gamma()
+        return
+    if name == "span":
+        _span(int(value))
+        return
     if name == "dropout":
         _after_init(lambda m: setattr(m, "dynamic_proj", nn.Sequential(m.dynamic_proj, nn.Dropout(float(value)))))
     elif name == "pca":
