@@ -81,6 +81,15 @@ E=$DATA/ETT/ETTh1.csv
   echo "--model lemole --data $E --lookback 512 --horizon 96 --text-encoder smollm2 --seed 2021 --out $ROOT/text_etth1_pub/lemole_smollm2_H96_s2021"
   echo "$P --text-encoder smollm2 --lr 0.0001 --out $ROOT/text_etth1_pub/lemole_smollm2_pub_H96_s2021"
   echo "$P --text-encoder smollm2 --lr 0.0001 --output-form code --out $ROOT/text_etth1_pub/lemole_smollm2_pub_code_H96_s2021"
+  # H=720 under the public recipe: LeMoLE as specified in both output forms (lr 1e-4, the recipe's own), and
+  # without text at lr 1e-4 and at 1e-3 (no text's validation choice at H=96), seed 2021.
+  R720="--model lemole --data $E --lookback 512 --horizon 720 --batch-size 16 --patience 3 --epochs 10 --lr-schedule tslib"
+  for S in 2021 2022 2023; do
+    echo "$R720 --seed $S --lr 0.0001 --out $ROOT/text_etth1_pub/lemole_pub_H720_s$S"
+    echo "$R720 --seed $S --lr 0.0001 --output-form code --out $ROOT/text_etth1_pub/lemole_pub_code_H720_s$S"
+  done
+  echo "$R720 --seed 2021 --lr 0.0001 --no-text --out $ROOT/text_etth1_pub/lemole_pub_notext_H720_s2021"
+  echo "$R720 --seed 2021 --lr 0.001 --no-text --out $ROOT/text_etth1_pub/lemole_pub_notext_lr1e-3_H720_s2021"
 } | while read -r ARGS; do
   OUT=${ARGS##*--out }
   [ -f "$OUT/metrics.json" ] || echo "$ARGS"
