@@ -149,7 +149,8 @@ def _restore_unused_inputs(out_file, names, args, axes) -> None:
             inputs.append(present.pop(n))
             continue
         shape = [axes[n].get(d, size) for d, size in enumerate(t.shape)]
-        inputs.append(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(t.detach().cpu().numpy().dtype), shape))
+        elem = helper.np_dtype_to_tensor_dtype(t.detach().cpu().numpy().dtype)
+        inputs.append(helper.make_tensor_value_info(n, elem, shape))
     inputs += present.values()   # anything else the exporter lists (initialisers kept as inputs), after ours
     del m.graph.input[:]
     m.graph.input.extend(inputs)
