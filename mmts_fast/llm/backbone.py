@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from mmts_fast._gguf import parse_once
 from mmts_fast.text.encoders import (BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4,
                                      gguf_arch_values, load_hf_tokenizer)
 
@@ -183,7 +184,8 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()      # the skipped layers' weights are "unexpected" keys by design
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with parse_once():   # GGUF: the config and the weights read the file once
+            model, loading = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
     missing = [k for k in loading.get("missing_keys", []) if ".layers." in k or k.startswith("layers.")]

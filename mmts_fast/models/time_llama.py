@@ -169,13 +169,15 @@ def tokenize_prompt(backbone: str, text: str, max_tokens: int) -> list[int]:
     from transformers import AutoTokenizer
 
     from mmts_fast.llm.backbone import _resolve
+    from mmts_fast._gguf import parse_once
 
     path, gguf, _ = _resolve(backbone)
     kwargs: dict[str, Any] = dict(local_files_only=True)
     if gguf is not None:
         kwargs["gguf_file"] = gguf
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        with parse_once():
+            tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     except Exception as e:   # noqa: BLE001 - say what to do instead
         raise ValueError(f"cannot load a tokenizer for backbone {backbone!r} ({type(e).__name__}: {e}); "
                          f"pass TimeLlaMAConfig.prompt_token_ids instead") from e

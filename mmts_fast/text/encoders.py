@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from mmts_fast._gguf import gguf_arch_values, parse_once
+
 __all__ = ["TextEncoder", "mean_pool", "last_token_pool", "pad_tokens", "package_dir", "model_fingerprint",
            "gguf_arch_values"]
 
@@ -96,54 +98,6 @@ def _package_version(pip_name: str) -> str | None:
         return importlib.metadata.version(pip_name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def gguf_arch_values(file: str | Path, *keys: str) -> dict[str, Any]:
-    """``{key: value}`` of the architecture's scalar header entries ``<architecture>.<key>`` of a GGUF file
-    (``"block_count"``, ``"embedding_length"``, ...), read straight from its key-value header, which comes
-    first in the file: milliseconds, where ``gguf.GGUFReader`` indexes every tensor and transformers'
-    ``AutoConfig`` also converts the tokenizer's vocabulary (seconds for SmolLM2). Reading stops once every key
-    is found; keys the file lacks are left out, and a file that is not GGUF (v2 or later) gives ``{}``."""
-    import struct
-
-    found: dict[str, Any] = {}
-    with open(file, "rb") as f:
-        def read(fmt):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def string():
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def value(kind):
-            if kind == 8:
-                return string()
-            if kind == 9:                                 # array: element type, count, elements
-                sub, n = read("I"), read("Q")
-                if sub in _GGUF_SCALARS:
-                    f.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
-                else:
-                    for _ in range(n):
-                        value(sub)
-                return None
-            return read(_GGUF_SCALARS[kind])
-
-        if f.read(4) != b"GGUF" or read("I") < 2:
-            return found
-        read("Q")                                         # tensor count
-        arch = None
-        for _ in range(read("Q")):                        # key-value pairs
-            key = string()
-            v = value(read("I"))
-            if key == "general.architecture":
-                arch = v
-            elif arch is not None and key.startswith(arch + ".") and key[len(arch) + 1:] in keys:
-                found[key[len(arch) + 1:]] = v
-                if len(found) == len(set(keys)):
-                    break
-    return found
 
 
 def model_fingerprint(path: str | Path, gguf_file: str | None = None) -> str:
@@ -335,7 +289,8 @@ class TextEncoder:
             return json.loads((self.path / "config.json").read_text())
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path, gguf_file=self.gguf_file, local_files_only=True).to_dict()
+        with parse_once():
+            return AutoConfig.from_pretrained(self.path, gguf_file=self.gguf_file, local_files_only=True).to_dict()
 
     def _config_value(self, *keys: str) -> Any:
         cfg = self._model.config.to_dict() if self._model is not None else self._config_dict()
@@ -382,7 +337,7 @@ class TextEncoder:
             return
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
+            import transformers  # noqa: F401
         except ImportError as e:  # pragma: no cover - transformers is a dependency
             raise ImportError("text encoders need transformers: pip install transformers") from e
         if self.gguf_file is not None:
@@ -390,6 +345,11 @@ class TextEncoder:
                 import gguf  # noqa: F401
             except ImportError as e:
                 raise ImportError("loading a GGUF model needs the gguf package: pip install gguf") from e
+        with parse_once():   # GGUF: the tokenizer, the config and the weights read the file once, not thrice
+            self._load_tokenizer_and_model()
+
+    def _load_tokenizer_and_model(self) -> None:
+        from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
 
         src = dict(local_files_only=True)
         if self.gguf_file is not None:
@@ -506,7 +466,8 @@ def load_hf_tokenizer(path, gguf_file: str | None = None):
     kwargs: dict[str, Any] = dict(local_files_only=True)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    with parse_once():
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
     return tok
