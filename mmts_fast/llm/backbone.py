@@ -11,9 +11,11 @@ K decoder layers, the final RMSNorm; call it with ``inputs_embeds=`` or ``input_
 (e.g. for generation); the LM head then stays dense (not quantised), as transformers' bitsandbytes
 integration does.
 
-Only the first K layers are built and read: ``num_hidden_layers=K`` is passed to ``from_pretrained``, so the
-weights of the other layers are skipped (SmolLM2, K = 2: ~7 s instead of ~20 s on 2 cores). Asking for more
-layers than the checkpoint has is an error, never randomly initialised layers.
+Only the first K layers are built: ``num_hidden_layers=K`` is passed to ``from_pretrained``, so the other
+layers' weights never become parameters (a Hugging Face folder's are not even read; a GGUF file's are still
+de-quantised by transformers, then dropped). SmolLM2 from its GGUF on 2 cores: ~13 s for the first load in a
+process, ~8 s later (:func:`mmts_fast._gguf.parse_once`), for any K. Asking for more layers than the checkpoint
+has is an error, never randomly initialised layers.
 
 NF4: for a GGUF file the model is de-quantised to ``dtype`` by transformers and then every ``nn.Linear``
 of the base model is quantised with bitsandbytes (``mmts_fast.text.encoders._quantize_linears_nf4``); for
