@@ -212,17 +212,22 @@ def main(argv=None):
     meta = dict(device=device_name(torch.device(args.device)), date=datetime.date.today().isoformat(), torch=torch.__version__)
     shapes = [(B, 512, 96, 7, 384) for B in args.batch_sizes] if not args.quick else [(8, 96, 24, 7, 384)]
     rows = []
+
+    def emit(new_rows):   # each group as soon as it is measured: a run cut short keeps what it finished
+        with out.open("a") as f:
+            for r in new_rows:
+                r.update(meta)
+                f.write(json.dumps(r) + "\n")
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in meta},
+                      flush=True)
+        rows.extend(new_rows)
+
     if args.cold_cache:
-        rows += cold_cache_rows(args.device, args.cold_cache)
+        emit(cold_cache_rows(args.device, args.cold_cache))
     else:
         for B, L, H, C, d in shapes:
-            rows += train_step_rows(args.device, B, L, H, C, d, reps)
-        rows += mome_rows(args.device, 32, 512 if not args.quick else 96, 96, 7, 384, reps)
-    with out.open("a") as f:
-        for r in rows:
-            r.update(meta)
-            f.write(json.dumps(r) + "\n")
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in meta})
+            emit(train_step_rows(args.device, B, L, H, C, d, reps))
+        emit(mome_rows(args.device, 32, 512 if not args.quick else 96, 96, 7, 384, reps))
     return rows
 
 
