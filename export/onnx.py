@@ -110,6 +110,34 @@ def _example_inputs(model, lookback, channels, n_time_features, batch_size, extr
     return (x_enc, x_mark_enc), extras
 
 
+class _DropRecords(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter's messages that say nothing about the user's model: the op registry's "torchvision
+    is not installed. Skipping torchvision::nms" (four lines, first export of a process), torch.export's
+    own pytree deprecation (FutureWarning "isinstance(treespec, LeafSpec) is deprecated") and the note that
+    input_names renames the already-named batch axis. Anything else still shows."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    drop = _DropRecords("torchvision is not installed")
+    registry.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registry.removeFilter(drop)
+
+
 def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data, extra_axes):
     """``extra_axes``: input name -> {axis: name} of further dynamic axes (the batch axis always is)."""
     common = dict(input_names=list(names), output_names=[OUTPUT_NAME], opset_version=opset)
@@ -118,8 +146,7 @@ def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data, ex
         dims = {}
         shapes = [{i: dims.setdefault(a, torch.export.Dim(a)) for i, a in axes[n].items()} for n in names]
         shapes = shapes[:2] + ([tuple(shapes[2:])] if len(names) > 2 else [])   # torch.export nests the extras
-        with warnings.catch_warnings():   # input_names renaming the already-named batch axis: harmless
-            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+        with _quiet_exporter():
             torch.onnx.export(wrapper, args, str(out_file), dynamo=True, external_data=external_data,
                               dynamic_shapes=tuple(shapes), verbose=False, **common)
     else:   # writes external data by itself only past protobuf's 2 GiB limit
