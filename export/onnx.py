@@ -123,11 +123,15 @@ class _DropRecords(logging.Filter):
 def _quiet_exporter():
     """The dynamo exporter's messages that say nothing about the user's model: the op registry's "torchvision
     is not installed. Skipping torchvision::nms" (four lines, first export of a process), torch.export's
-    own pytree deprecation (FutureWarning "isinstance(treespec, LeafSpec) is deprecated") and the note that
-    input_names renames the already-named batch axis. Anything else still shows."""
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
-    drop = _DropRecords("torchvision is not installed")
-    registry.addFilter(drop)
+    own pytree deprecation (FutureWarning "isinstance(treespec, LeafSpec) is deprecated"), onnx_ir's note that
+    an empty attribute list (onnxscript's index_put lowering) was typed INTS, and the note that input_names
+    renames the already-named batch axis. Anything else still shows."""
+    drops = [(logging.getLogger("torch.onnx._internal.exporter._registration"),
+              _DropRecords("torchvision is not installed")),
+             (logging.getLogger("onnx_ir._convenience"),          # an empty attribute list, typed INTS: right
+              _DropRecords("Attribute type is ambiguous because it is an empty sequence"))]
+    for log, drop in drops:
+        log.addFilter(drop)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
@@ -135,7 +139,8 @@ def _quiet_exporter():
                                     category=FutureWarning)
             yield
     finally:
-        registry.removeFilter(drop)
+        for log, drop in drops:
+            log.removeFilter(drop)
 
 
 def _export(wrapper, args, names, out_file, opset, use_dynamo, external_data, extra_axes):
