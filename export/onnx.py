@@ -124,8 +124,9 @@ def _quiet_exporter():
     """The dynamo exporter's messages that say nothing about the user's model: the op registry's "torchvision
     is not installed. Skipping torchvision::nms" (four lines, first export of a process), torch.export's
     own pytree deprecation (FutureWarning "isinstance(treespec, LeafSpec) is deprecated"), onnx_ir's note that
-    an empty attribute list (onnxscript's index_put lowering) was typed INTS, and the note that input_names
-    renames the already-named batch axis. Anything else still shows."""
+    an empty attribute list (onnxscript's index_put lowering) was typed INTS, torch.export's note that
+    D-LoRA's ``routed_gates`` were assigned during the export, and the note that input_names renames the
+    already-named batch axis. Anything else still shows."""
     drops = [(logging.getLogger("torch.onnx._internal.exporter._registration"),
               _DropRecords("torchvision is not installed")),
              (logging.getLogger("onnx_ir._convenience"),          # an empty attribute list, typed INTS: right
@@ -137,6 +138,10 @@ def _quiet_exporter():
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning)
+            # D-LoRA's routers hand each LoRA module its gates as an attribute within the same forward
+            # (mmts_fast/nn/lora.py): values of the traced call, not state; any other attribute still warns
+            warnings.filterwarnings("ignore", message=r"The tensor attributes (?:[\w.]+\.routed_gates(?:, )?)+ "
+                                    r"were assigned during export", category=UserWarning)
             yield
     finally:
         for log, drop in drops:

@@ -331,6 +331,9 @@ m = LeMoLE(LeMoLEConfig(lookback=24, horizon=6, channels=2, n_experts=2, d_llm=8
 export_onnx(m, r"{tmp_path / 'l.onnx'}")
 with _quiet_exporter():
     warnings.warn("a warning of the user's own", UserWarning)
+    tail = " were assigned during export. Such attributes must be registered as buffers"
+    warnings.warn("The tensor attributes self.l.0.q.routed_gates, self.l.1.v.routed_gates" + tail, UserWarning)
+    warnings.warn("The tensor attributes self.l.0.q.other_state" + tail, UserWarning)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -339,3 +342,4 @@ with _quiet_exporter():
     for noise in ("torchvision is not installed", "LeafSpec", "Attribute type is ambiguous"):
         assert noise not in res.stderr, res.stderr[-2000:]
     assert "a warning of the user's own" in res.stderr
+    assert "routed_gates" not in res.stderr and "self.l.0.q.other_state" in res.stderr   # D-LoRA's gates only
