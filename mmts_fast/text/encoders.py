@@ -366,12 +366,15 @@ class TextEncoder:
         elif self.load_in_4bit:
             quantize_after = True  # GGUF: de-quantised by transformers, then NF4 with bitsandbytes
         logger.info("loading text encoder %s", self.model_id)
-        if self.pooling == "last":
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).base_model  # drop the LM head
+        auto = AutoModelForCausalLM if self.pooling == "last" else AutoModel
+        if self.layers is None:
+            model = auto.from_pretrained(self.path, **kwargs)
         else:
-            model = AutoModel.from_pretrained(self.path, **kwargs)
+            model = self._from_pretrained_first_layers(auto, kwargs)
+        if self.pooling == "last":
+            model = model.base_model  # drop the LM head
         if self.layers is not None:
-            _trim_layers(model, self.layers)
+            _trim_layers(model, self.layers)   # (a no-op where the config's num_hidden_layers built K already)
         if self.padding_side == "left" and "position_ids" not in inspect.signature(model.forward).parameters:
             raise ValueError(f"padding_side='left' is not supported for {self.name} ({type(model).__name__} takes "
                              "no position_ids, so left padding would shift the positions of the tokens and change "
@@ -383,6 +386,33 @@ class TextEncoder:
             logger.info("quantised %d linear layers to NF4", n)
         model.eval().requires_grad_(False)
         self._tokenizer, self._model = tok, model
+
+    def _from_pretrained_first_layers(self, auto, kwargs: dict[str, Any]) -> nn.Module:
+        """Build only the first ``layers`` blocks (a config with ``num_hidden_layers=K``, and ``layer_types``
+        cut to match): the other blocks' weights never become parameters (a 7B model kept to 4 layers needs
+        4 layers of memory, not 32)."""
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        src = {k: kwargs[k] for k in ("gguf_file", "local_files_only") if k in kwargs}
+        config = AutoConfig.from_pretrained(self.path, **src)
+        total = getattr(config, "num_hidden_layers", None)
+        if isinstance(total, int) and self.layers > total:
+            raise ValueError(f"layers={self.layers} must be in [1, {total}] for {self.name}")
+        config.num_hidden_layers = self.layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:self.layers]
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()      # the skipped blocks' weights are "unused" by design
+        try:
+            model, info = auto.from_pretrained(self.path, config=config, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+        missing = info.get("missing_keys") or []
+        if missing:   # what transformers' own warning (silenced above) would have said
+            logger.warning("%s: %d weights are not in the checkpoint and were initialised at random: %s",
+                           self.name, len(missing), sorted(missing)[:5])
+        return model
 
     # ------------------------------------------------------------------------------ forward
 

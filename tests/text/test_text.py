@@ -189,10 +189,11 @@ def test_model_id_lazy_and_errors(tmp_path):
         TextEncoder(tmp_path)
 
 
-def tiny_model_folder(folder: Path, kind: str = "bert", seed: int = 0) -> Path:
-    """A tiny random BERT (or Funnel, whose forward takes no position_ids) with a word-piece
-    tokenizer, saved as a model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, FunnelConfig, FunnelModel
+def tiny_model_folder(folder: Path, kind: str = "bert", seed: int = 0, bert_layers: int = 1) -> Path:
+    """A tiny random BERT (or Funnel, whose forward takes no position_ids; or a 3-layer Qwen3 decoder, whose
+    config lists a type per layer) with a word-piece tokenizer, saved as a model folder."""
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, FunnelConfig, FunnelModel, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     folder.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "gas", "prices", "rose", "fell", "this", "week", "."]
@@ -200,14 +201,58 @@ def tiny_model_folder(folder: Path, kind: str = "bert", seed: int = 0) -> Path:
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        cfg = BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=bert_layers, num_attention_heads=2,
                          intermediate_size=16, max_position_embeddings=32)
         BertModel(cfg).save_pretrained(folder)
+    elif kind == "qwen3":
+        cfg = Qwen3Config(vocab_size=len(words), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=8, intermediate_size=32, max_position_embeddings=64)
+        Qwen3ForCausalLM(cfg).save_pretrained(folder)
     else:
         cfg = FunnelConfig(vocab_size=len(words), block_sizes=[1], block_repeats=[1], num_decoder_layers=1,
                            d_model=8, n_head=2, d_head=4, d_inner=16)
         FunnelModel(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.mark.parametrize("kind", ["bert", "qwen3"])
+def test_first_layers_are_built_not_trimmed(tmp_path, kind, caplog, monkeypatch):
+    """``layers=K`` builds only K blocks (config num_hidden_layers=K, layer_types cut to match), with the
+    embeddings of the full model trimmed after loading; K above the checkpoint's count is an error, not
+    randomly initialised blocks."""
+    import logging
+
+    from transformers.models.bert import modeling_bert
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from mmts_fast.text.encoders import _trim_layers
+
+    block = modeling_bert.BertLayer if kind == "bert" else modeling_qwen3.Qwen3DecoderLayer
+    built = []
+    init = block.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    folder = tiny_model_folder(tmp_path / kind, kind=kind, bert_layers=3)
+    full = TextEncoder(folder)
+    full.load()
+    n = full._model.config.num_hidden_layers
+    monkeypatch.setattr(block, "__init__", counting_init)
+    with caplog.at_level(logging.WARNING):
+        k = TextEncoder(folder, layers=n - 1)
+        got = k.encode(["gas prices rose .", "this week gas prices fell ."], progress=False)
+    assert len(built) == n - 1 == k._model.config.num_hidden_layers       # never built, not built and dropped
+    assert "initialised at random" not in caplog.text
+    if kind == "qwen3":
+        assert k.pooling == "last" and k._model.config.layer_types == ["full_attention"] * (n - 1)
+    trimmed = copy.deepcopy(full)
+    _trim_layers(trimmed._model, n - 1)
+    ref = trimmed.encode(["gas prices rose .", "this week gas prices fell ."], progress=False)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=f"layers={n + 1} must be in \\[1, {n}\\]"):
+        TextEncoder(folder, layers=n + 1).load()
 
 
 def test_left_padding_gives_the_right_padded_embeddings(tmp_path):
