@@ -11,7 +11,7 @@ K decoder layers, the final RMSNorm; call it with ``inputs_embeds=`` or ``input_
 (e.g. for generation); the LM head then stays dense (not quantised), as transformers' bitsandbytes
 integration does.
 
-Only the first K layers are built: ``num_hidden_layers=K`` is passed to ``from_pretrained``, so the other
+Only the first K layers are built: a config with ``num_hidden_layers=K`` is passed to ``from_pretrained``, so the other
 layers' weights never become parameters (a Hugging Face folder's are not even read; a GGUF file's are still
 de-quantised by transformers, then dropped). SmolLM2 from its GGUF on 2 cores: ~13 s for the first load in a
 process, ~8 s later (:func:`mmts_fast._gguf.parse_once`), for any K. Asking for more layers than the checkpoint
@@ -36,7 +36,7 @@ from torch import nn
 
 from mmts_fast._gguf import parse_once
 from mmts_fast.text.encoders import (BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4,
-                                     gguf_arch_values, load_hf_tokenizer)
+                                     first_layers_config, gguf_arch_values, load_hf_tokenizer)
 
 __all__ = ["load_backbone", "load_tokenizer", "weight_stats", "memory_report"]
 
@@ -174,8 +174,8 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
         total = json.loads((path / "config.json").read_text()).get("num_hidden_layers")
     if n_layers is not None and total is not None and n_layers > total:
         raise ValueError(f"n_layers={n_layers} but {name} has {total} decoder layers")
-    if n_layers is not None:
-        kwargs["num_hidden_layers"] = n_layers
+    if n_layers is not None:   # only the first K blocks are built (layer_types cut to match)
+        kwargs["config"] = first_layers_config(path, n_layers, gguf, name, what="n_layers")
     quantize_after = load_in_4bit and gguf is not None
     if load_in_4bit and gguf is None:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -134,6 +134,26 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+def first_layers_config(path, k: int, gguf_file: str | None = None, name: str | None = None, what: str = "layers"):
+    """The model's config for building only its first ``k`` blocks: ``num_hidden_layers = k`` and a per-layer
+    ``layer_types`` list cut to match (configs such as Qwen3's reject a length mismatch when read back).
+    A ValueError when the checkpoint has fewer than ``k`` blocks (``what``: the option's name in it)."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = dict(local_files_only=True)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    with parse_once():
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    total = getattr(config, "num_hidden_layers", None)
+    if isinstance(total, int) and k > total:
+        raise ValueError(f"{what}={k} must be in [1, {total}] for {name or path}")
+    config.num_hidden_layers = k
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:k]
+    return config
+
+
 def _trim_layers(model: nn.Module, k: int) -> None:
     """Keep the first ``k`` transformer blocks (and say so in the config)."""
     found = _layer_list(model)
@@ -391,17 +411,9 @@ class TextEncoder:
         """Build only the first ``layers`` blocks (a config with ``num_hidden_layers=K``, and ``layer_types``
         cut to match): the other blocks' weights never become parameters (a 7B model kept to 4 layers needs
         4 layers of memory, not 32)."""
-        from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
 
-        src = {k: kwargs[k] for k in ("gguf_file", "local_files_only") if k in kwargs}
-        config = AutoConfig.from_pretrained(self.path, **src)
-        total = getattr(config, "num_hidden_layers", None)
-        if isinstance(total, int) and self.layers > total:
-            raise ValueError(f"layers={self.layers} must be in [1, {total}] for {self.name}")
-        config.num_hidden_layers = self.layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:self.layers]
+        config = first_layers_config(self.path, self.layers, self.gguf_file, self.name)
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()      # the skipped blocks' weights are "unused" by design
         try:

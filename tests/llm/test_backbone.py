@@ -52,6 +52,25 @@ def test_folder_first_k_layers(tiny_dir):
         load_backbone(str(d), n_layers=1, dtype="int8")
 
 
+
+def test_first_k_layers_of_a_config_with_layer_types(tmp_path):
+    """Qwen3-style configs list a type per layer and reject a count that differs: the K-layer model's config
+    says K of each, so it saves and loads again."""
+    from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, intermediate_size=32)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    model, info = load_backbone(str(tmp_path / "q"), n_layers=2)
+    assert len(model.layers) == 2 and info["n_layers_total"] == 3
+    assert model.config.num_hidden_layers == 2 and model.config.layer_types == ["full_attention"] * 2
+    model.save_pretrained(tmp_path / "k2")
+    again = AutoModel.from_pretrained(tmp_path / "k2")
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
 def test_folder_nf4_with_lm_head(tiny_dir):
     bnb = pytest.importorskip("bitsandbytes")
     d, _ = tiny_dir
