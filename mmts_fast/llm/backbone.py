@@ -36,7 +36,8 @@ from torch import nn
 
 from mmts_fast._gguf import parse_once
 from mmts_fast.text.encoders import (BUNDLED, _bundled, _dtype_name, _layer_list, _quantize_linears_nf4,
-                                     first_layers_config, gguf_arch_values, load_hf_tokenizer)
+                                     first_layers_config, gguf_arch_values, hf_errors_only,
+                                     load_hf_tokenizer)
 
 __all__ = ["load_backbone", "load_tokenizer", "weight_stats", "memory_report"]
 
@@ -181,15 +182,8 @@ def load_backbone(name_or_path: str | os.PathLike = "smollm2", n_layers: int | N
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = str(device)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()      # the skipped layers' weights are "unexpected" keys by design
-    try:
-        with parse_once():   # GGUF: the config and the weights read the file once
-            model, loading = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
+    with hf_errors_only(), parse_once():   # skipped layers' weights are "unexpected" by design; GGUF read once
+        model, loading = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     missing = [k for k in loading.get("missing_keys", []) if ".layers." in k or k.startswith("layers.")]
     if missing:
         raise ValueError(f"n_layers={n_layers} is more than {name} has: {len(missing)} layer weights missing "

@@ -163,21 +163,11 @@ def _config_width(backbone: str) -> Optional[int]:
 def tokenize_prompt(backbone: str, text: str, max_tokens: int) -> list[int]:
     """Token ids of ``text`` (no special tokens, the first ``max_tokens``) with the tokenizer of ``backbone``
     (same names as :func:`~mmts_fast.llm.backbone.load_backbone`; GGUF files carry their tokenizer)."""
-    import os
+    from mmts_fast.llm.backbone import _resolve, load_tokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    from mmts_fast.llm.backbone import _resolve
-    from mmts_fast._gguf import parse_once
-
-    path, gguf, _ = _resolve(backbone)
-    kwargs: dict[str, Any] = dict(local_files_only=True)
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
+    _resolve(backbone)   # an unknown name or missing file is its own error, not "cannot load a tokenizer"
     try:
-        with parse_once():
-            tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        tok = load_tokenizer(backbone)
     except Exception as e:   # noqa: BLE001 - say what to do instead
         raise ValueError(f"cannot load a tokenizer for backbone {backbone!r} ({type(e).__name__}: {e}); "
                          f"pass TimeLlaMAConfig.prompt_token_ids instead") from e

@@ -16,6 +16,7 @@ The Hugging Face model loads lazily on the first ``encode``/``encode_tokens`` ca
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -133,6 +134,19 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str] | None:
             return parent, parts[-1]
     return None
 
+
+@contextlib.contextmanager
+def hf_errors_only():
+    """transformers' logging at ERROR within the block (a K-layer load's skipped blocks are "unused" or
+    "unexpected" weights by design), restored after it."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 def first_layers_config(path, k: int, gguf_file: str | None = None, name: str | None = None, what: str = "layers"):
     """The model's config for building only its first ``k`` blocks: ``num_hidden_layers = k`` and a per-layer
@@ -411,15 +425,9 @@ class TextEncoder:
         """Build only the first ``layers`` blocks (a config with ``num_hidden_layers=K``, and ``layer_types``
         cut to match): the other blocks' weights never become parameters (a 7B model kept to 4 layers needs
         4 layers of memory, not 32)."""
-        from transformers.utils import logging as hf_logging
-
         config = first_layers_config(self.path, self.layers, self.gguf_file, self.name)
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()      # the skipped blocks' weights are "unused" by design
-        try:
+        with hf_errors_only():
             model, info = auto.from_pretrained(self.path, config=config, output_loading_info=True, **kwargs)
-        finally:
-            hf_logging.set_verbosity(level)
         missing = info.get("missing_keys") or []
         if missing:   # what transformers' own warning (silenced above) would have said
             logger.warning("%s: %d weights are not in the checkpoint and were initialised at random: %s",
