@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Timer, default_out, device_name, setup_device, time_step  # noqa: E402
+from benchlib import Timer, append_row, default_out, device_name, setup_device, time_step  # noqa: E402
 
 from mmts_fast import use_backend
 from mmts_fast.models import LeMoLE, LeMoLEConfig, MoME, MoMEConfig, RLinearMoLE, RLinearMoLEConfig
@@ -214,12 +213,11 @@ def main(argv=None):
     rows = []
 
     def emit(new_rows):   # each group as soon as it is measured: a run cut short keeps what it finished
-        with out.open("a") as f:
-            for r in new_rows:
-                r.update(meta)
-                f.write(json.dumps(r) + "\n")
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in meta},
-                      flush=True)
+        for r in new_rows:
+            r.update(meta)
+            append_row(out, r)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in meta},
+                  flush=True)
         rows.extend(new_rows)
 
     if args.cold_cache:
